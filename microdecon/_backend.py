@@ -1,0 +1,394 @@
+"""The one place that knows NumPy from CuPy.
+
+Everything else asks :func:`get_backend` for a :class:`Backend` and uses its ``xp`` (the array
+module), its FFT plans and its fused elementwise kernels. CuPy is imported lazily, only when a
+GPU is asked for or a CuPy array arrives, so ``import microdecon`` works on any machine.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Backend", "get_backend", "gpu_available", "is_device_array"]
+
+
+# --------------------------------------------------------------------------------------------
+# What is installed and present
+# --------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _cupy() -> Any | None:
+    """Return the cupy module when it imports and sees at least one GPU, else None."""
+    try:
+        cupy = importlib.import_module("cupy")
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return None
+    except Exception:  # no cupy, no driver, no device: all mean "no GPU here"
+        return None
+    return cupy
+
+
+@functools.lru_cache(maxsize=None)
+def _pyfftw() -> Any | None:
+    try:
+        return importlib.import_module("pyfftw")
+    except ImportError:
+        return None
+
+
+def gpu_available() -> bool:
+    """Whether CuPy is installed and a CUDA GPU is usable.
+
+    Examples
+    --------
+    >>> from microdecon._backend import gpu_available
+    >>> isinstance(gpu_available(), bool)
+    True
+    """
+    return _cupy() is not None
+
+
+def is_device_array(array: Any) -> bool:
+    """True for a CuPy array, without importing CuPy when it is not already loaded."""
+    return type(array).__module__.split(".")[0] == "cupy"
+
+
+def cpu_count() -> int:
+    """Cores this process may use (respects affinity masks set by batch schedulers)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - macOS / Windows
+        return max(1, os.cpu_count() or 1)
+
+
+# --------------------------------------------------------------------------------------------
+# FFT plans: real-to-complex and back, unnormalized both ways, cached per shape
+# --------------------------------------------------------------------------------------------
+class _ScipyStylePlan:
+    """Real FFTs through a scipy.fft-compatible module (scipy.fft on CPU, cupyx.scipy.fft on GPU).
+
+    Both directions are unnormalized (the inverse returns ``n`` times the true inverse); the
+    caller folds ``1 / n`` into its OTF once instead of paying a scaling pass per transform.
+    CuPy caches its cuFFT plans per shape by itself, so nothing is planned here.
+    """
+
+    def __init__(self, fft_module: Any, shape: tuple[int, ...], workers: int | None):
+        self.shape = shape
+        self._fft = fft_module
+        self._kw = {} if workers is None else {"workers": workers}
+
+    def forward(self, real):
+        return self._fft.rfftn(real, s=self.shape, **self._kw)
+
+    def inverse(self, spectrum):
+        return self._fft.irfftn(spectrum, s=self.shape, norm="forward", overwrite_x=True, **self._kw)
+
+
+class _FFTWPlan:
+    """Real FFTs through pyFFTW with plans measured once per shape and reused.
+
+    The plan owns its two aligned buffers; ``forward`` copies its input into the real buffer
+    when it is not that buffer already, and both methods return the plan's own buffer, which
+    the next call of the same method overwrites.
+    """
+
+    def __init__(self, pyfftw: Any, shape: tuple[int, ...], threads: int):
+        self.shape = shape
+        spectral = shape[:-1] + (shape[-1] // 2 + 1,)
+        self.real = pyfftw.empty_aligned(shape, dtype=np.float32)
+        self.spectrum = pyfftw.empty_aligned(spectral, dtype=np.complex64)
+        axes = tuple(range(len(shape)))
+        flags = ("FFTW_MEASURE", "FFTW_DESTROY_INPUT")
+        self._forward = pyfftw.FFTW(self.real, self.spectrum, axes=axes, direction="FFTW_FORWARD",
+                                    flags=flags, threads=threads)
+        self._inverse = pyfftw.FFTW(self.spectrum, self.real, axes=axes, direction="FFTW_BACKWARD",
+                                    flags=flags, threads=threads)
+
+    def forward(self, real):
+        if real is not self.real:
+            self.real[...] = real
+        self._forward.execute()
+        return self.spectrum
+
+    def inverse(self, spectrum):
+        if spectrum is not self.spectrum:
+            self.spectrum[...] = spectrum
+        self._inverse.execute()  # execute() does not normalize: what the caller expects
+        return self.real
+
+
+# --------------------------------------------------------------------------------------------
+# Fused elementwise kernels: CuPy kernels built once per device, NumPy fallbacks in place
+# --------------------------------------------------------------------------------------------
+def _numpy_kernels():
+    def rl_ratio(image, blurred, background, floor, out):
+        """out = image / max(blurred + background, floor)."""
+        np.add(blurred, background, out=out)
+        np.maximum(out, floor, out=out)
+        np.divide(image, out, out=out)
+        return out
+
+    def multiply_clip(a, b, out):
+        """out = max(a * b, 0)."""
+        np.multiply(a, b, out=out)
+        np.maximum(out, 0, out=out)
+        return out
+
+    def extrapolate(previous, current, alpha):
+        """previous <- max(current + alpha * (current - previous), 0), in place."""
+        np.subtract(current, previous, out=previous)
+        previous *= np.float32(alpha)
+        previous += current
+        np.maximum(previous, 0, out=previous)
+        return previous
+
+    def multiply_spectrum(spectrum, otf, conjugate):
+        """spectrum *= otf (or its conjugate), in place, with no full-size temporary."""
+        if not conjugate:
+            spectrum *= otf
+            return spectrum
+        # conj() of a whole OTF would allocate one; slabs keep the temporary small.
+        step = max(1, spectrum.shape[0] // 16) if spectrum.ndim > 1 else spectrum.shape[0]
+        for start in range(0, spectrum.shape[0], step):
+            spectrum[start:start + step] *= otf[start:start + step].conj()
+        return spectrum
+
+    return {"rl_ratio": rl_ratio, "multiply_clip": multiply_clip, "extrapolate": extrapolate,
+            "multiply_spectrum": multiply_spectrum}
+
+
+def _cupy_kernels(cupy: Any):
+    ratio = cupy.ElementwiseKernel(
+        "T image, T blurred, T background, T floor", "T out",
+        "T d = blurred + background; out = image / (d > floor ? d : floor)",
+        "microdecon_rl_ratio")
+    mul_clip = cupy.ElementwiseKernel(
+        "T a, T b", "T out", "T v = a * b; out = v > (T)0 ? v : (T)0", "microdecon_multiply_clip")
+    extrap = cupy.ElementwiseKernel(
+        "T current, T alpha", "T previous",
+        "T v = current + alpha * (current - previous); previous = v > (T)0 ? v : (T)0",
+        "microdecon_extrapolate")
+    mul_conj = cupy.ElementwiseKernel(
+        "C otf", "C spectrum", "spectrum = spectrum * conj(otf)", "microdecon_multiply_conj")
+
+    def rl_ratio(image, blurred, background, floor, out):
+        return ratio(image, blurred, background, floor, out)
+
+    def multiply_clip(a, b, out):
+        return mul_clip(a, b, out)
+
+    def extrapolate(previous, current, alpha):
+        return extrap(current, cupy.float32(alpha), previous)
+
+    def multiply_spectrum(spectrum, otf, conjugate):
+        if conjugate:
+            return mul_conj(otf, spectrum)
+        spectrum *= otf
+        return spectrum
+
+    return {"rl_ratio": rl_ratio, "multiply_clip": multiply_clip, "extrapolate": extrapolate,
+            "multiply_spectrum": multiply_spectrum}
+
+
+# --------------------------------------------------------------------------------------------
+# The backend object
+# --------------------------------------------------------------------------------------------
+class Backend:
+    """Array module, FFT plans and fused kernels of one device.
+
+    Attributes
+    ----------
+    name : {"cpu", "gpu"}
+    xp : module
+        ``numpy`` or ``cupy``.
+    device_id : int or None
+        The CUDA device for ``"gpu"``.
+    fft_library : str
+        ``"pocketfft"`` (scipy.fft), ``"fftw"`` (pyFFTW) or ``"cufft"``.
+
+    Examples
+    --------
+    >>> be = get_backend(device="cpu")
+    >>> be.name, be.xp.__name__
+    ('cpu', 'numpy')
+    """
+
+    def __init__(self, name: str, device_id: int | None = None, fft_library: str | None = None):
+        self.name = name
+        self.device_id = device_id
+        self._plans: dict[tuple[int, ...], Any] = {}
+        if name == "gpu":
+            cupy = _cupy()
+            self.xp = cupy
+            self._fft_module = importlib.import_module("cupyx.scipy.fft")
+            self.fft_library = "cufft"
+            kernels = _cupy_kernels(cupy)
+        else:
+            self.xp = np
+            if fft_library is None:
+                fft_library = "fftw" if _pyfftw() is not None else "pocketfft"
+            self.fft_library = fft_library
+            self._fft_module = importlib.import_module("scipy.fft")
+            kernels = _numpy_kernels()
+        for kernel_name, kernel in kernels.items():
+            setattr(self, kernel_name, kernel)
+
+    def __repr__(self) -> str:
+        where = f"gpu:{self.device_id}" if self.name == "gpu" else "cpu"
+        return f"Backend({where}, fft={self.fft_library})"
+
+    # ---- device context -------------------------------------------------------------------
+    def activate(self):
+        """Context manager that makes this backend's GPU current (a no-op on the CPU)."""
+        if self.name == "gpu":
+            return self.xp.cuda.Device(self.device_id)
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    # ---- moving data ----------------------------------------------------------------------
+    def asarray(self, array: Any, dtype: Any = np.float32):
+        """A ``dtype`` array on this device; copies only when the input is elsewhere or another type."""
+        if self.name == "gpu":
+            return self.xp.asarray(array, dtype=dtype)
+        if is_device_array(array):
+            array = array.get()
+        return np.asarray(array, dtype=dtype)
+
+    def to_host(self, array: Any) -> np.ndarray:
+        """The array as NumPy (one device-to-host copy on the GPU)."""
+        return array.get() if is_device_array(array) else np.asarray(array)
+
+    def empty(self, shape: tuple[int, ...], dtype: Any = np.float32):
+        if self.name == "cpu" and self.fft_library == "fftw":
+            return _pyfftw().empty_aligned(shape, dtype=dtype)  # SIMD-aligned: FFTW copies nothing
+        return self.xp.empty(shape, dtype=dtype)
+
+    def synchronize(self) -> None:
+        if self.name == "gpu":
+            self.xp.cuda.Device(self.device_id).synchronize()
+
+    def free_memory(self) -> int:
+        """Bytes this device can still give: GPU free memory plus CuPy's pool, or available RAM."""
+        if self.name == "gpu":
+            with self.activate():
+                free, _total = self.xp.cuda.runtime.memGetInfo()
+                pool = self.xp.get_default_memory_pool()
+                return int(free + pool.free_bytes())
+        try:
+            with open("/proc/meminfo") as meminfo:
+                for line in meminfo:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:  # pragma: no cover - not Linux
+            pass
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+
+    # ---- FFT ------------------------------------------------------------------------------
+    def fft_plan(self, shape: tuple[int, ...]):
+        """Real FFT plan for ``shape``, made once per backend and shape and then reused.
+
+        ``plan.forward(x)`` gives the half spectrum (``rfftn``), ``plan.inverse(spectrum)`` the
+        real array; both are unnormalized, so an inverse after a forward multiplies by ``prod(shape)``.
+        """
+        shape = tuple(int(n) for n in shape)
+        plan = self._plans.get(shape)
+        if plan is None:
+            if self.fft_library == "fftw":
+                plan = _FFTWPlan(_pyfftw(), shape, threads=cpu_count())
+            elif self.name == "gpu":
+                plan = _ScipyStylePlan(self._fft_module, shape, workers=None)
+            else:
+                plan = _ScipyStylePlan(self._fft_module, shape, workers=cpu_count())
+            self._plans[shape] = plan
+        return plan
+
+    def next_fast_len(self, n: int) -> int:
+        """Smallest length >= n that the FFT library transforms fast (real transforms)."""
+        if self.name == "gpu":
+            # cuFFT is fast for 2^a 3^b 5^c 7^d; scipy's search over 2,3,5 is a subset of those.
+            import scipy.fft
+
+            return int(scipy.fft.next_fast_len(int(n), real=False))
+        import scipy.fft
+
+        return int(scipy.fft.next_fast_len(int(n), real=True))
+
+
+_DEVICE_HELP = "device must be 'auto', 'cpu', 'gpu' or 'gpu:N' (N a CUDA device number)"
+
+
+@functools.lru_cache(maxsize=None)
+def _backend_for(name: str, device_id: int | None) -> Backend:
+    return Backend(name, device_id)
+
+
+def get_backend(*arrays: Any, device: str = "auto") -> Backend:
+    """Choose the device that will run the work and return its :class:`Backend`.
+
+    Parameters
+    ----------
+    *arrays : array_like
+        The inputs. A CuPy array among them makes ``"auto"`` pick its GPU.
+    device : {"auto", "cpu", "gpu", "gpu:N"}
+        ``"auto"`` uses a GPU when CuPy and a GPU are present (or the inputs live on one), else
+        the CPU; it never fails for lack of a GPU. ``"gpu"`` insists on one and raises when
+        there is none.
+
+    Returns
+    -------
+    Backend
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> get_backend(np.ones(3), device="cpu").name
+    'cpu'
+    """
+    if not isinstance(device, str):
+        raise TypeError(f"{_DEVICE_HELP}; got {device!r} of type {type(device).__name__}")
+    spec = device.strip().lower()
+    device_arrays = [a for a in arrays if is_device_array(a)]
+    if spec == "cpu":
+        return _backend_for("cpu", None)
+    if spec == "auto":
+        if device_arrays:
+            return _backend_for("gpu", int(device_arrays[0].device.id))
+        if _cupy() is not None:
+            return _backend_for("gpu", int(_cupy().cuda.Device().id))
+        return _backend_for("cpu", None)
+    if spec in ("gpu", "cuda") or spec.startswith(("gpu:", "cuda:")):
+        device_id: int | None = None
+        if ":" in spec:
+            try:
+                device_id = int(spec.split(":", 1)[1])
+            except ValueError:
+                raise ValueError(f"{_DEVICE_HELP}; got {device!r}") from None
+        cupy = _cupy()
+        if cupy is None:
+            raise ValueError(
+                f"device={device!r} asks for a GPU, but CuPy with a CUDA GPU is not available here; "
+                "install microdecon[cuda12] or microdecon[cuda13], or use device='auto' or 'cpu'")
+        count = cupy.cuda.runtime.getDeviceCount()
+        if device_id is None:
+            device_id = int(device_arrays[0].device.id) if device_arrays else int(cupy.cuda.Device().id)
+        if not 0 <= device_id < count:
+            raise ValueError(f"device={device!r}: there are {count} GPU(s), numbered 0 to {count - 1}")
+        return _backend_for("gpu", device_id)
+    raise ValueError(f"{_DEVICE_HELP}; got {device!r}")
+
+
+def return_like(result: Any, template: Any, backend: Backend):
+    """Give the result back in the kind of array the caller passed: NumPy in, NumPy out; CuPy in, CuPy out."""
+    if is_device_array(template):
+        if backend.name == "gpu":
+            return result
+        cupy = importlib.import_module("cupy")
+        with cupy.cuda.Device(template.device.id):
+            return cupy.asarray(result)
+    return backend.to_host(result)
+

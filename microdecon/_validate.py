@@ -1,0 +1,152 @@
+"""Argument checks shared by every public function: one dtype rule and clear errors.
+
+The dtype rule: images and PSFs of any real numeric dtype (integers, float16/32/64) are accepted
+and computed in float32; bool, complex, object and string arrays are refused. Every error names
+the argument and says what was wrong, and nothing here modifies its input.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ._backend import is_device_array
+
+BOUNDARIES = ("non-circulant", "periodic", "reflect")
+
+
+def _dtype_of(array: Any, name: str) -> np.dtype:
+    dtype = getattr(array, "dtype", None)
+    if dtype is None:
+        try:
+            dtype = np.asarray(array).dtype
+        except Exception as error:  # ragged lists and the like
+            raise TypeError(f"{name} must be an array of numbers; could not read it as one ({error})") from None
+    return np.dtype(dtype)
+
+
+def check_array(array: Any, name: str) -> Any:
+    """Check that ``array`` is a non-empty, finite, real numeric array; return it as an array.
+
+    NumPy and CuPy arrays are returned as they are (no copy); other array-likes via ``np.asarray``.
+
+    Examples
+    --------
+    >>> check_array([1, 2, 3], "image").dtype.kind
+    'i'
+    >>> check_array([1.0, float("nan")], "image")
+    Traceback (most recent call last):
+    ...
+    ValueError: image contains NaN or infinite values (1 of 2); replace or mask them before deconvolving
+    """
+    if array is None:
+        raise TypeError(f"{name} must be an array of numbers, got None")
+    dtype = _dtype_of(array, name)
+    if dtype.kind == "b":
+        raise TypeError(f"{name} has dtype bool; convert a mask to numbers explicitly (e.g. .astype('float32'))")
+    if dtype.kind == "c":
+        raise TypeError(f"{name} has complex dtype {dtype}; microdecon restores real-valued intensities")
+    if dtype.kind not in "iuf":
+        raise TypeError(f"{name} has dtype {dtype}, which is not a real numeric type")
+    if not (isinstance(array, np.ndarray) or is_device_array(array)):
+        array = np.asarray(array)
+    if array.ndim == 0:
+        raise ValueError(f"{name} must have at least one axis, got a scalar")
+    if array.size == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(array.shape)})")
+    if dtype.kind == "f":
+        xp = _array_module(array)
+        finite = xp.isfinite(array)
+        bad = int(array.size - int(finite.sum()))
+        if bad:
+            raise ValueError(
+                f"{name} contains NaN or infinite values ({bad} of {array.size}); "
+                "replace or mask them before deconvolving")
+    return array
+
+
+def _array_module(array: Any):
+    if is_device_array(array):
+        import importlib
+
+        return importlib.import_module("cupy")
+    return np
+
+
+def check_psf(psf: Any, ndim: int, name: str = "psf") -> Any:
+    """Check a PSF against an image of ``ndim`` axes: real, finite, non-negative, not all zero.
+
+    Examples
+    --------
+    >>> check_psf([[0, 1], [1, 0]], ndim=1)
+    Traceback (most recent call last):
+    ...
+    ValueError: psf has 2 axes but the image has 1; give a PSF with one axis per image axis
+    """
+    psf = check_array(psf, name)
+    if psf.ndim != ndim:
+        raise ValueError(
+            f"{name} has {psf.ndim} axes but the image has {ndim}; give a PSF with one axis per image axis")
+    minimum = float(psf.min())
+    if minimum < 0:
+        raise ValueError(
+            f"{name} has negative values (min {minimum:.3g}); subtract its background and clip it at "
+            "zero first (see microdecon.psf)")
+    if float(psf.max()) <= 0:
+        raise ValueError(f"{name} is all zero; it must contain the blur, with a positive sum")
+    return psf
+
+
+def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
+    """``value`` must be one of ``choices`` (strings)."""
+    if not isinstance(value, str) or value not in choices:
+        options = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"{name} must be one of {options}; got {value!r}")
+    return value
+
+
+def check_int(value: Any, name: str, *, minimum: int = 0) -> int:
+    """An integer ``>= minimum`` (bools refused)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r} of type {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_float(value: Any, name: str, *, minimum: float | None = 0.0, strict: bool = False) -> float:
+    """A finite real number, ``>= minimum`` (``> minimum`` when ``strict``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r} of type {type(value).__name__}")
+    value = float(value)
+    if not np.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if minimum is not None and (value <= minimum if strict else value < minimum):
+        relation = ">" if strict else ">="
+        raise ValueError(f"{name} must be {relation} {minimum}, got {value}")
+    return value
+
+
+def check_background(background: Any, shape: tuple[int, ...]) -> Any:
+    """A non-negative scalar, or a non-negative array broadcastable to the image shape."""
+    if isinstance(background, numbers.Real) and not isinstance(background, bool):
+        return check_float(background, "background")
+    background = check_array(background, "background")
+    try:
+        np.broadcast_shapes(tuple(background.shape), tuple(shape))
+    except ValueError:
+        raise ValueError(
+            f"background of shape {tuple(background.shape)} does not broadcast to the image shape {shape}"
+        ) from None
+    if float(background.min()) < 0:
+        raise ValueError("background must be non-negative everywhere")
+    return background
+
+
+def check_callback(callback: Any) -> Any:
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable as callback(iteration, estimate), got {callback!r}")
+    return callback

@@ -1,0 +1,38 @@
+"""The restoration algorithms, each written once against the backend's array module."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .richardson_lucy import richardson_lucy
+from .wiener import wiener
+
+__all__ = ["METHODS", "deconvolve", "richardson_lucy", "wiener"]
+
+#: Method names accepted by :func:`deconvolve`.
+METHODS = {"rl": richardson_lucy, "wiener": wiener}
+
+
+def deconvolve(image: Any, psf: Any, method: str = "rl", *, device: str = "auto", **params: Any):
+    """Deconvolve with the method named by ``method``; ``params`` go to that method.
+
+    Parameters
+    ----------
+    image, psf : array_like
+        As for the method.
+    method : {"rl", "wiener"}
+        "rl": :func:`richardson_lucy` (accelerated by default); "wiener": :func:`wiener`.
+    device : {"auto", "cpu", "gpu", "gpu:N"}
+    **params
+        Keyword arguments of the method, e.g. ``num_iter=30`` or ``balance=1e-3``.
+
+    Examples
+    --------
+    >>> import numpy as np, microdecon as md
+    >>> img = np.ones((16, 16), np.float32)
+    >>> md.deconvolve(img, md.psf.gaussian((5, 5), 1.0), "wiener", balance=0.01, device="cpu").shape
+    (16, 16)
+    """
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}; got {method!r}")
+    return METHODS[method](image, psf, device=device, **params)

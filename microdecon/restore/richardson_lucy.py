@@ -1,0 +1,206 @@
+"""Richardson–Lucy deconvolution, plain and accelerated, written once for every device.
+
+Notes
+-----
+With image ``y``, blur ``H`` (see :class:`microdecon.operators.Convolution`) and additive
+background ``b``, RL is the EM algorithm for Poisson data ``y ~ Poisson(H x + b)``:
+
+.. math:: x_{k+1} = \\frac{x_k}{H^T 1} \\, H^T \\frac{y}{H x_k + b}
+
+``H^T 1`` is 1 for periodic boundaries; for "non-circulant" it is the fraction of each object
+voxel's light that falls inside the image (Bertero & Boccacci 2005), which lets the estimate grow
+past the image edge to explain light from outside it.
+
+Acceleration is Biggs & Andrews (1997) first-order vector extrapolation: each RL step starts from
+``x_k + alpha_k (x_k - x_{k-1})`` with ``alpha_k`` the correlation of the last two RL updates.
+
+References
+----------
+.. [1] W. H. Richardson, "Bayesian-based iterative method of image restoration", JOSA 62 (1972).
+.. [2] L. B. Lucy, "An iterative technique for the rectification of observed distributions",
+       AJ 79 (1974).
+.. [3] D. S. C. Biggs and M. Andrews, "Acceleration of iterative image restoration
+       algorithms", Applied Optics 36 (1997).
+.. [4] M. Bertero and P. Boccacci, "A simple method for the reduction of boundary effects in the
+       Richardson-Lucy approach to image deconvolution", A&A 437 (2005).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from .. import _validate
+from .._backend import Backend, get_backend, return_like
+from ..operators import Boundary, Convolution
+
+__all__ = ["richardson_lucy"]
+
+#: Object voxels that send less than this fraction of their light into the image are left at
+#: zero: they are too weakly constrained by the data to estimate ("non-circulant" margins).
+MIN_VISIBLE_FRACTION = 1e-3
+
+
+def richardson_lucy(
+    image: Any,
+    psf: Any,
+    num_iter: int = 30,
+    *,
+    accelerate: bool = True,
+    boundary: Boundary = "non-circulant",
+    background: Any = 0.0,
+    device: str = "auto",
+    progress: bool = False,
+    callback: Callable[[int, Any], bool | None] | None = None,
+):
+    """Restore ``image`` blurred by ``psf`` with Richardson–Lucy iterations.
+
+    Parameters
+    ----------
+    image : array_like
+        1-D, 2-D or 3-D (or more) image, any real dtype (integers are computed in float32).
+        NumPy, CuPy or anything ``np.asarray`` takes. Negative values are treated as zero.
+    psf : array_like
+        Point spread function with one axis per image axis, any size (it may be larger than the
+        image), centre at index ``n // 2``, non-negative; normalized to sum 1 here.
+    num_iter : int, >= 0
+        Number of iterations. With ``accelerate=True``, 10-30 is typical; plain RL needs
+        several times more for the same sharpness.
+    accelerate : bool
+        Biggs–Andrews vector extrapolation: the same restoration in several times fewer
+        iterations, for two extra image-sized buffers.
+    boundary : {"non-circulant", "periodic", "reflect"}
+        How the object continues past the image edges; see :mod:`microdecon.operators`.
+        "non-circulant" restores objects cut by the border without wrap-around or ringing.
+    background : float or array_like, >= 0
+        Additive background (camera offset plus diffuse light) in image units; part of the
+        forward model ``H x + background``, not subtracted from the result.
+    device : {"auto", "cpu", "gpu", "gpu:N"}
+        Where to compute; "auto" takes a GPU when one is usable, else the CPU.
+    progress : bool
+        Show a progress bar (tqdm; renders in Jupyter).
+    callback : callable, optional
+        ``callback(iteration, estimate)`` after each iteration (``iteration`` counts from 1;
+        ``estimate`` is the current image-shaped estimate on the compute device, valid only
+        during the call: copy what you keep). Return ``True`` to stop early.
+
+    Returns
+    -------
+    array
+        float32 estimate, non-negative, same shape and array type as ``image``.
+
+    Examples
+    --------
+    >>> import numpy as np, microdecon as md
+    >>> truth = np.zeros((32, 32), np.float32); truth[12:20, 12:20] = 100
+    >>> psf = md.psf.gaussian((9, 9), sigma=1.5)
+    >>> blurred = md.convolve(truth, psf, device="cpu")
+    >>> restored = md.richardson_lucy(blurred, psf, 20, device="cpu")
+    >>> bool(abs(restored - truth).mean() < abs(blurred - truth).mean())
+    True
+    """
+    image = _validate.check_array(image, "image")
+    psf = _validate.check_psf(psf, image.ndim)
+    num_iter = _validate.check_int(num_iter, "num_iter", minimum=0)
+    _validate.check_choice(boundary, "boundary", _validate.BOUNDARIES)
+    background = _validate.check_background(background, tuple(image.shape))
+    _validate.check_callback(callback)
+    backend = get_backend(image, psf, device=device)
+    with backend.activate():
+        op = Convolution(psf, tuple(image.shape), boundary=boundary, backend=backend)
+        solver = _RichardsonLucy(op, image, background)
+        result = solver.run(num_iter, accelerate=bool(accelerate), progress=bool(progress),
+                            callback=callback)
+    return return_like(result, image, backend)
+
+
+class _RichardsonLucy:
+    """State of one RL run: the data on the device, the normalization and the update step."""
+
+    def __init__(self, op: Convolution, image: Any, background: Any):
+        be: Backend = op.backend
+        xp = be.xp
+        self.op, self.be, self.xp = op, be, xp
+        # A fresh float32 copy on the device, clipped at zero: the caller's array is never touched.
+        self.data = xp.maximum(be.asarray(image), np.float32(0))
+        if isinstance(background, float):
+            self.background = np.float32(background)
+            level = background
+        else:
+            self.background = be.asarray(background)
+            level = float(self.background.mean())
+        peak = float(self.data.max())
+        # Denominators below this are noise: a floor stops 0/0 and blow-ups in empty regions.
+        self.floor = np.float32(max(peak, level, 1e-30) * 1e-6)
+        visible = op.adjoint_of_ones()
+        if float(abs(visible - 1).max()) < 1e-5:
+            self.inv_visible = None  # periodic, or reflect with a symmetric PSF: H^T 1 == 1
+            self.support = None
+        else:
+            self.support = visible > MIN_VISIBLE_FRACTION
+            self.inv_visible = xp.where(self.support, 1 / xp.maximum(visible, MIN_VISIBLE_FRACTION),
+                                        0).astype(np.float32)
+        del visible
+        self.flux = max(float(xp.maximum(self.data - self.background, 0).mean()), 1e-30)
+
+    def initial_estimate(self):
+        x = self.be.empty(self.op.object_shape)
+        x[...] = np.float32(self.flux)
+        if self.support is not None:
+            x *= self.support
+        return x
+
+    def correction(self, estimate):
+        """``H^T (y / (H x + b)) / H^T 1``: the multiplicative RL update (scratch memory)."""
+        blurred = self.op.forward(estimate)
+        self.be.rl_ratio(self.data, blurred, self.background, self.floor, blurred)
+        update = self.op.adjoint()  # the ratio was written in place into the forward's output
+        if self.inv_visible is not None:
+            update *= self.inv_visible
+        return update
+
+    def run(self, num_iter: int, *, accelerate: bool, progress: bool, callback):
+        from tqdm.auto import tqdm
+
+        be, xp = self.be, self.xp
+        current = self.initial_estimate()
+        if accelerate:
+            previous = be.empty(current.shape)
+            update_prev = be.empty(current.shape)
+        alpha = 0.0
+        have_update = False
+        with tqdm(total=num_iter, desc="Richardson-Lucy", disable=not progress, leave=False) as bar:
+            for iteration in range(1, num_iter + 1):
+                if not accelerate:
+                    be.multiply_clip(current, self.correction(current), current)
+                else:
+                    # previous <- the extrapolated point x_k + alpha (x_k - x_{k-1})
+                    if iteration == 1:
+                        previous[...] = current
+                    else:
+                        be.extrapolate(previous, current, alpha)
+                    update = self.correction(previous)
+                    new = be.multiply_clip(previous, update, update)  # x_{k+1}, in scratch
+                    xp.subtract(new, previous, out=previous)  # previous <- this RL step's update
+                    if have_update:
+                        alpha = _extrapolation_weight(xp, previous, update_prev)
+                    have_update = True
+                    # Rotate buffers instead of copying: update_prev <- update, previous <- x_k.
+                    update_prev, previous = previous, update_prev
+                    previous, current = current, previous
+                    current[...] = new
+                bar.update()
+                if callback is not None and callback(iteration, self.op.restrict(current)):
+                    break
+        return xp.array(self.op.restrict(current), dtype=np.float32, copy=True)
+
+
+def _extrapolation_weight(xp, update, update_prev) -> float:
+    """Biggs–Andrews alpha = <g_k, g_{k-1}> / <g_{k-1}, g_{k-1}>, kept in [0, 1] for stability."""
+    denominator = float(xp.vdot(update_prev.ravel(), update_prev.ravel()))
+    if denominator <= 0:
+        return 0.0
+    alpha = float(xp.vdot(update.ravel(), update_prev.ravel())) / denominator
+    return min(max(alpha, 0.0), 1.0)
