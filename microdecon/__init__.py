@@ -8,11 +8,11 @@ Examples
 dtype('float32')
 """
 
-from . import metrics, psf
+from . import data, io, metrics, psf
 from .operators import convolve, convolve_transpose
 from .restore import deconvolve, richardson_lucy, wiener
 
 __version__ = "0.1.0"
 
-__all__ = ["convolve", "convolve_transpose", "deconvolve", "metrics", "psf", "richardson_lucy",
+__all__ = ["convolve", "convolve_transpose", "data", "deconvolve", "io", "metrics", "psf", "richardson_lucy",
            "wiener", "__version__"]
