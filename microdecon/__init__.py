@@ -14,5 +14,15 @@ from .restore import deconvolve, richardson_lucy, wiener
 
 __version__ = "0.1.0"
 
-__all__ = ["convolve", "convolve_transpose", "data", "deconvolve", "io", "metrics", "psf", "richardson_lucy",
-           "wiener", "__version__"]
+__all__ = [
+    "convolve",
+    "convolve_transpose",
+    "data",
+    "deconvolve",
+    "io",
+    "metrics",
+    "psf",
+    "richardson_lucy",
+    "wiener",
+    "__version__",
+]

@@ -10,17 +10,22 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
 
 __all__ = ["Backend", "get_backend", "gpu_available", "is_device_array"]
 
+#: FFT plans kept per backend (least recently used dropped first): each FFTW plan holds two
+#: grid-sized buffers, so a batch of many shapes must not keep them all.
+MAX_CACHED_PLANS = 4
+
 
 # --------------------------------------------------------------------------------------------
 # What is installed and present
 # --------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cupy() -> Any | None:
     """Return the cupy module when it imports and sees at least one GPU, else None."""
     try:
@@ -32,7 +37,7 @@ def _cupy() -> Any | None:
     return cupy
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _pyfftw() -> Any | None:
     try:
         return importlib.import_module("pyfftw")
@@ -103,10 +108,12 @@ class _FFTWPlan:
         self.spectrum = pyfftw.empty_aligned(spectral, dtype=np.complex64)
         axes = tuple(range(len(shape)))
         flags = ("FFTW_MEASURE", "FFTW_DESTROY_INPUT")
-        self._forward = pyfftw.FFTW(self.real, self.spectrum, axes=axes, direction="FFTW_FORWARD",
-                                    flags=flags, threads=threads)
-        self._inverse = pyfftw.FFTW(self.spectrum, self.real, axes=axes, direction="FFTW_BACKWARD",
-                                    flags=flags, threads=threads)
+        self._forward = pyfftw.FFTW(
+            self.real, self.spectrum, axes=axes, direction="FFTW_FORWARD", flags=flags, threads=threads
+        )
+        self._inverse = pyfftw.FFTW(
+            self.spectrum, self.real, axes=axes, direction="FFTW_BACKWARD", flags=flags, threads=threads
+        )
 
     def forward(self, real):
         if real is not self.real:
@@ -154,26 +161,36 @@ def _numpy_kernels():
         # conj() of a whole OTF would allocate one; slabs keep the temporary small.
         step = max(1, spectrum.shape[0] // 16) if spectrum.ndim > 1 else spectrum.shape[0]
         for start in range(0, spectrum.shape[0], step):
-            spectrum[start:start + step] *= otf[start:start + step].conj()
+            spectrum[start : start + step] *= otf[start : start + step].conj()
         return spectrum
 
-    return {"rl_ratio": rl_ratio, "multiply_clip": multiply_clip, "extrapolate": extrapolate,
-            "multiply_spectrum": multiply_spectrum}
+    return {
+        "rl_ratio": rl_ratio,
+        "multiply_clip": multiply_clip,
+        "extrapolate": extrapolate,
+        "multiply_spectrum": multiply_spectrum,
+    }
 
 
 def _cupy_kernels(cupy: Any):
     ratio = cupy.ElementwiseKernel(
-        "T image, T blurred, T background, T floor", "T out",
+        "T image, T blurred, T background, T floor",
+        "T out",
         "T d = blurred + background; out = image / (d > floor ? d : floor)",
-        "microdecon_rl_ratio")
+        "microdecon_rl_ratio",
+    )
     mul_clip = cupy.ElementwiseKernel(
-        "T a, T b", "T out", "T v = a * b; out = v > (T)0 ? v : (T)0", "microdecon_multiply_clip")
+        "T a, T b", "T out", "T v = a * b; out = v > (T)0 ? v : (T)0", "microdecon_multiply_clip"
+    )
     extrap = cupy.ElementwiseKernel(
-        "T current, T alpha", "T previous",
+        "T current, T alpha",
+        "T previous",
         "T v = current + alpha * (current - previous); previous = v > (T)0 ? v : (T)0",
-        "microdecon_extrapolate")
+        "microdecon_extrapolate",
+    )
     mul_conj = cupy.ElementwiseKernel(
-        "C otf", "C spectrum", "spectrum = spectrum * conj(otf)", "microdecon_multiply_conj")
+        "C otf", "C spectrum", "spectrum = spectrum * conj(otf)", "microdecon_multiply_conj"
+    )
 
     def rl_ratio(image, blurred, background, floor, out):
         return ratio(image, blurred, background, floor, out)
@@ -190,8 +207,12 @@ def _cupy_kernels(cupy: Any):
         spectrum *= otf
         return spectrum
 
-    return {"rl_ratio": rl_ratio, "multiply_clip": multiply_clip, "extrapolate": extrapolate,
-            "multiply_spectrum": multiply_spectrum}
+    return {
+        "rl_ratio": rl_ratio,
+        "multiply_clip": multiply_clip,
+        "extrapolate": extrapolate,
+        "multiply_spectrum": multiply_spectrum,
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,7 +241,7 @@ class Backend:
     def __init__(self, name: str, device_id: int | None = None, fft_library: str | None = None):
         self.name = name
         self.device_id = device_id
-        self._plans: dict[tuple[int, ...], Any] = {}
+        self._plans: OrderedDict[tuple[int, ...], Any] = OrderedDict()
         if name == "gpu":
             cupy = _cupy()
             self.xp = cupy
@@ -297,7 +318,9 @@ class Backend:
         """
         shape = tuple(int(n) for n in shape)
         plan = self._plans.get(shape)
-        if plan is None:
+        if plan is not None:
+            self._plans.move_to_end(shape)
+        else:
             if self.fft_library == "fftw":
                 plan = _FFTWPlan(_pyfftw(), shape, threads=cpu_count())
             elif self.name == "gpu":
@@ -305,6 +328,8 @@ class Backend:
             else:
                 plan = _ScipyStylePlan(self._fft_module, shape, workers=cpu_count())
             self._plans[shape] = plan
+            while len(self._plans) > MAX_CACHED_PLANS:
+                self._plans.popitem(last=False)
         return plan
 
     def next_fast_len(self, n: int) -> int:
@@ -322,7 +347,7 @@ class Backend:
 _DEVICE_HELP = "device must be 'auto', 'cpu', 'gpu' or 'gpu:N' (N a CUDA device number)"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _backend_for(name: str, device_id: int | None) -> Backend:
     return Backend(name, device_id)
 
@@ -372,7 +397,8 @@ def get_backend(*arrays: Any, device: str = "auto") -> Backend:
         if cupy is None:
             raise ValueError(
                 f"device={device!r} asks for a GPU, but CuPy with a CUDA GPU is not available here; "
-                "install microdecon[cuda12] or microdecon[cuda13], or use device='auto' or 'cpu'")
+                "install microdecon[cuda12] or microdecon[cuda13], or use device='auto' or 'cpu'"
+            )
         count = cupy.cuda.runtime.getDeviceCount()
         if device_id is None:
             device_id = int(device_arrays[0].device.id) if device_arrays else int(cupy.cuda.Device().id)
@@ -391,4 +417,3 @@ def return_like(result: Any, template: Any, backend: Backend):
         with cupy.cuda.Device(template.device.id):
             return cupy.asarray(result)
     return backend.to_host(result)
-

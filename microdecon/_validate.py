@@ -24,7 +24,9 @@ def _dtype_of(array: Any, name: str) -> np.dtype:
         try:
             dtype = np.asarray(array).dtype
         except Exception as error:  # ragged lists and the like
-            raise TypeError(f"{name} must be an array of numbers; could not read it as one ({error})") from None
+            raise TypeError(
+                f"{name} must be an array of numbers; could not read it as one ({error})"
+            ) from None
     return np.dtype(dtype)
 
 
@@ -46,7 +48,9 @@ def check_array(array: Any, name: str) -> Any:
         raise TypeError(f"{name} must be an array of numbers, got None")
     dtype = _dtype_of(array, name)
     if dtype.kind == "b":
-        raise TypeError(f"{name} has dtype bool; convert a mask to numbers explicitly (e.g. .astype('float32'))")
+        raise TypeError(
+            f"{name} has dtype bool; convert a mask to numbers explicitly (e.g. .astype('float32'))"
+        )
     if dtype.kind == "c":
         raise TypeError(f"{name} has complex dtype {dtype}; microdecon restores real-valued intensities")
     if dtype.kind not in "iuf":
@@ -64,7 +68,8 @@ def check_array(array: Any, name: str) -> Any:
         if bad:
             raise ValueError(
                 f"{name} contains NaN or infinite values ({bad} of {array.size}); "
-                "replace or mask them before deconvolving")
+                "replace or mask them before deconvolving"
+            )
     return array
 
 
@@ -89,12 +94,14 @@ def check_psf(psf: Any, ndim: int, name: str = "psf") -> Any:
     psf = check_array(psf, name)
     if psf.ndim != ndim:
         raise ValueError(
-            f"{name} has {psf.ndim} axes but the image has {ndim}; give a PSF with one axis per image axis")
+            f"{name} has {psf.ndim} axes but the image has {ndim}; give a PSF with one axis per image axis"
+        )
     minimum = float(psf.min())
     if minimum < 0:
         raise ValueError(
             f"{name} has negative values (min {minimum:.3g}); subtract its background and clip it at "
-            "zero first (see microdecon.psf)")
+            "zero first (see microdecon.psf)"
+        )
     if float(psf.max()) <= 0:
         raise ValueError(f"{name} is all zero; it must contain the blur, with a positive sum")
     return psf

@@ -23,16 +23,28 @@ __all__ = ["main"]
 
 def _method_params(args: argparse.Namespace) -> dict:
     if args.method == "rl":
-        return {"num_iter": args.num_iter, "boundary": args.boundary, "background": args.background,
-                "progress": not args.quiet}
-    return {"balance": args.balance if args.balance is not None else "auto", "boundary": args.boundary,
-            "background": args.background}
+        return {
+            "num_iter": args.num_iter,
+            "boundary": args.boundary,
+            "background": args.background,
+            "progress": not args.quiet,
+        }
+    return {
+        "balance": args.balance if args.balance is not None else "auto",
+        "boundary": args.boundary,
+        "background": args.background,
+    }
 
 
 def _provenance(args: argparse.Namespace, params: dict, psf_source: str, device: str) -> dict:
     shown = {k: v for k, v in params.items() if k != "progress"}
-    return {"software": f"microdecon {__version__}", "method": args.method, "parameters": shown,
-            "psf": psf_source, "device": device}
+    return {
+        "software": f"microdecon {__version__}",
+        "method": args.method,
+        "parameters": shown,
+        "psf": psf_source,
+        "device": device,
+    }
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -40,8 +52,11 @@ def _demo(args: argparse.Namespace) -> int:
     params = _method_params(args)
     if args.background is None:
         params["background"] = sample.background
-    print(f"sample: {sample.image.shape} {sample.image.dtype}, voxel {sample.spacing} um, "
-          f"PSF {sample.psf.shape}", flush=True)
+    print(
+        f"sample: {sample.image.shape} {sample.image.dtype}, voxel {sample.spacing} um, "
+        f"PSF {sample.psf.shape}",
+        flush=True,
+    )
     start = time.perf_counter()
     restored = deconvolve(sample.image, sample.psf, args.method, device=args.device, **params)
     seconds = time.perf_counter() - start
@@ -50,11 +65,18 @@ def _demo(args: argparse.Namespace) -> int:
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     out_path = out_dir / "phantom_deconvolved.tif"
-    io.imwrite(out_path, restored, {"spacing": sample.spacing,
-                                    "provenance": _provenance(args, params, str(sample.paths["psf"]),
-                                                              args.device)})
-    print(f"{args.method}: {seconds:.2f} s on {get_backend(device=args.device)!r}; PSNR against ground truth "
-          f"{before:.2f} dB -> {after:.2f} dB; wrote {out_path}")
+    io.imwrite(
+        out_path,
+        restored,
+        {
+            "spacing": sample.spacing,
+            "provenance": _provenance(args, params, str(sample.paths["psf"]), args.device),
+        },
+    )
+    print(
+        f"{args.method}: {seconds:.2f} s on {get_backend(device=args.device)!r}; PSNR against ground truth "
+        f"{before:.2f} dB -> {after:.2f} dB; wrote {out_path}"
+    )
     return 0
 
 
@@ -96,16 +118,20 @@ def _add_method_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=sorted(METHODS), default="rl")
     parser.add_argument("--num-iter", type=int, default=30, help="RL iterations (default 30)")
     parser.add_argument("--balance", type=float, default=None, help="Wiener balance (default: auto)")
-    parser.add_argument("--boundary", choices=["non-circulant", "periodic", "reflect"],
-                        default="non-circulant")
-    parser.add_argument("--background", type=float, default=None,
-                        help="additive background in counts (camera offset)")
+    parser.add_argument(
+        "--boundary", choices=["non-circulant", "periodic", "reflect"], default="non-circulant"
+    )
+    parser.add_argument(
+        "--background", type=float, default=None, help="additive background in counts (camera offset)"
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, gpu or gpu:N")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="microdecon", description="Deconvolve fluorescence microscopy stacks.")
+    parser = argparse.ArgumentParser(
+        prog="microdecon", description="Deconvolve fluorescence microscopy stacks."
+    )
     parser.add_argument("--version", action="version", version=f"microdecon {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="deconvolve the bundled sample and report time and quality")

@@ -86,6 +86,7 @@ def imread(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
                         spacing[axis] = den / num
             if tif.is_ome and tif.ome_metadata:
                 spacing.update(_ome_spacing(tif.ome_metadata, axes))
+            _check_complete(tif, path)
     except (tifffile.TiffFileError, ValueError, struct.error) as error:
         raise ValueError(f"{path}: not a readable TIFF ({error})") from None
     if len(axes) != array.ndim:
@@ -95,6 +96,30 @@ def imread(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
     meta["spacing_known"] = all(a in spacing for a in axes if a in "ZYX")
     meta.setdefault("unit", "um")
     return array, meta
+
+
+def _check_complete(tif: Any, path: Path) -> None:
+    """Refuse a file cut short (an interrupted write or copy): tifffile reads what is there and
+    would hand back a stack with planes missing or zeroed."""
+    size = path.stat().st_size
+    series = tif.series[0]
+    expected = (tif.imagej_metadata or {}).get("images")
+    planes = int(np.prod(series.shape[:-2])) if len(series.shape) > 2 else 1
+    if series.axes.endswith("S"):
+        planes = int(np.prod(series.shape[:-3])) if len(series.shape) > 3 else 1
+    if expected and planes < int(expected):
+        raise ValueError(f"truncated: {planes} of {expected} planes present")
+    if series.dataoffset is not None:
+        end = series.dataoffset + int(np.prod(series.shape)) * series.dtype.itemsize
+        if end > size:
+            raise ValueError("truncated: image data runs past the end of the file")
+        return
+    for page in series.pages:
+        if page is None:
+            raise ValueError("truncated: a plane is missing")
+        for offset, count in zip(page.dataoffsets, page.databytecounts):
+            if offset + count > size:
+                raise ValueError("truncated: image data runs past the end of the file")
 
 
 def imwrite(path: str | os.PathLike, array: Any, meta: dict[str, Any] | None = None) -> None:
@@ -124,8 +149,20 @@ def imwrite(path: str | os.PathLike, array: Any, meta: dict[str, Any] | None = N
         raise ValueError(f"axes {axes!r} do not describe an array of {data.ndim} axes in TZCYX order")
     spacing = dict(zip(axes, meta.pop("spacing", None) or (1.0,) * data.ndim))
     provenance = meta.pop("provenance", None)
-    for key in ("spacing_known", "ImageJ", "images", "slices", "frames", "channels", "hyperstack",
-                "mode", "unit", "loop", "min", "max"):
+    for key in (
+        "spacing_known",
+        "ImageJ",
+        "images",
+        "slices",
+        "frames",
+        "channels",
+        "hyperstack",
+        "mode",
+        "unit",
+        "loop",
+        "min",
+        "max",
+    ):
         meta.pop(key, None)
     extra = {k: v for k, v in meta.items() if isinstance(v, (int, float, str))}
     imagej = {"axes": axes, "unit": "um", **extra}

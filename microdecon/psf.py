@@ -58,8 +58,15 @@ def gaussian(shape: int | Sequence[int], sigma: float | Sequence[float]) -> np.n
     return (psf / psf.sum()).astype(np.float32)
 
 
-def widefield(shape: Sequence[int], spacing: Sequence[float], *, wavelength: float, na: float,
-              n_immersion: float = 1.515, oversample: int = 3) -> np.ndarray:
+def widefield(
+    shape: Sequence[int],
+    spacing: Sequence[float],
+    *,
+    wavelength: float,
+    na: float,
+    n_immersion: float = 1.515,
+    oversample: int = 3,
+) -> np.ndarray:
     """Scalar widefield PSF (Born & Wolf, matched refractive indices), sampled on a 3-D grid.
 
     Each plane is the intensity of the pupil's field focused through defocus ``z``:

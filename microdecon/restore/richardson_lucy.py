@@ -42,6 +42,10 @@ __all__ = ["richardson_lucy"]
 #: zero: they are too weakly constrained by the data to estimate ("non-circulant" margins).
 MIN_VISIBLE_FRACTION = 1e-3
 
+#: Share of the flat mean in the first estimate (the rest is the observed image): starting from
+#: the data saves iterations, and the flat share keeps every voxel positive.
+INITIAL_FLAT_FRACTION = 0.05
+
 
 def richardson_lucy(
     image: Any,
@@ -111,8 +115,7 @@ def richardson_lucy(
     with backend.activate():
         op = Convolution(psf, tuple(image.shape), boundary=boundary, backend=backend)
         solver = _RichardsonLucy(op, image, background)
-        result = solver.run(num_iter, accelerate=bool(accelerate), progress=bool(progress),
-                            callback=callback)
+        result = solver.run(num_iter, accelerate=bool(accelerate), progress=bool(progress), callback=callback)
     return return_like(result, image, backend)
 
 
@@ -130,26 +133,40 @@ class _RichardsonLucy:
             level = background
         else:
             self.background = be.asarray(background)
-            level = float(self.background.mean())
-        peak = float(self.data.max())
+            level = float(self.background.max())
+        # RL is scale-equivariant; working at unit scale keeps float32 sums and dot products far
+        # from overflow (1e30 counts) and underflow alike. The result is scaled back at the end.
+        self.scale = max(float(self.data.max()), level) or 1.0
+        self.data *= np.float32(1 / self.scale)
+        self.background = self.background * np.float32(1 / self.scale)
         # Denominators below this are noise: a floor stops 0/0 and blow-ups in empty regions.
-        self.floor = np.float32(max(peak, level, 1e-30) * 1e-6)
+        self.floor = np.float32(1e-6)
         visible = op.adjoint_of_ones()
         if float(abs(visible - 1).max()) < 1e-5:
             self.inv_visible = None  # periodic, or reflect with a symmetric PSF: H^T 1 == 1
             self.support = None
         else:
             self.support = visible > MIN_VISIBLE_FRACTION
-            self.inv_visible = xp.where(self.support, 1 / xp.maximum(visible, MIN_VISIBLE_FRACTION),
-                                        0).astype(np.float32)
+            self.inv_visible = xp.where(
+                self.support, 1 / xp.maximum(visible, MIN_VISIBLE_FRACTION), 0
+            ).astype(np.float32)
         del visible
-        self.flux = max(float(xp.maximum(self.data - self.background, 0).mean()), 1e-30)
+        self.flux = float(xp.maximum(self.data - self.background, 0).mean())
 
     def initial_estimate(self):
+        """The observed image less background, mixed with 5% of its mean so that no voxel starts
+        at zero (RL's multiplicative update could never lift it); the mean signal on the margin
+        that "non-circulant" adds around the image."""
+        xp = self.xp
         x = self.be.empty(self.op.object_shape)
         x[...] = np.float32(self.flux)
         if self.support is not None:
             x *= self.support
+        inside = self.op.restrict(x)
+        xp.subtract(self.data, self.background, out=inside)
+        xp.maximum(inside, 0, out=inside)
+        inside *= np.float32(1 - INITIAL_FLAT_FRACTION)
+        inside += np.float32(INITIAL_FLAT_FRACTION * self.flux)
         return x
 
     def correction(self, estimate):
@@ -192,9 +209,13 @@ class _RichardsonLucy:
                     previous, current = current, previous
                     current[...] = new
                 bar.update()
-                if callback is not None and callback(iteration, self.op.restrict(current)):
+                if callback is not None and callback(iteration, self.in_image_units(current)):
                     break
-        return xp.array(self.op.restrict(current), dtype=np.float32, copy=True)
+        return self.in_image_units(current)
+
+    def in_image_units(self, estimate):
+        """The image-shaped part of an estimate, scaled back to the image's units (a new array)."""
+        return self.op.restrict(estimate) * np.float32(self.scale)
 
 
 def _extrapolation_weight(xp, update, update_prev) -> float:

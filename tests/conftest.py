@@ -1,0 +1,36 @@
+"""Shared fixtures: the device parameter (GPU cases marked `gpu`, skipped without CuPy and a GPU)."""
+
+import numpy as np
+import pytest
+
+from microdecon._backend import gpu_available
+
+DEVICES = ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    if request.param == "gpu" and not gpu_available():
+        pytest.skip("needs CuPy and a CUDA GPU")
+    return request.param
+
+
+@pytest.fixture
+def xp_for(device):
+    """Array module matching the device, so a test body runs unchanged on NumPy and CuPy."""
+    if device == "gpu":
+        import cupy
+
+        return cupy
+    return np
+
+
+def to_numpy(array):
+    return array.get() if hasattr(array, "get") else np.asarray(array)
+
+
+def psnr(truth, estimate):
+    truth = np.asarray(truth, np.float64)
+    estimate = np.asarray(to_numpy(estimate), np.float64)
+    mse = np.mean((truth - estimate) ** 2)
+    return 10 * np.log10((truth.max() - truth.min()) ** 2 / mse)

@@ -1,0 +1,142 @@
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+import scipy.signal
+
+import microdecon as md
+from microdecon import _backend
+from microdecon._backend import Backend
+from microdecon.operators import Convolution
+
+from .conftest import to_numpy
+
+BOUNDARIES = ["non-circulant", "periodic", "reflect"]
+# (image shape, PSF shape): odd, even, anisotropic, and PSFs larger than the image on some axes
+CASES = [
+    ((37,), (5,)),
+    ((37,), (80,)),
+    ((20, 23), (4, 7)),
+    ((16, 9), (33, 3)),
+    ((9, 16, 15), (5, 6, 21)),
+    ((12, 13, 14), (3, 3, 3)),
+    ((5, 12, 11), (9, 4, 4)),
+]
+
+
+def cpu_backends():
+    backends = [Backend("cpu", fft_library="pocketfft")]
+    if _backend._pyfftw() is not None:
+        backends.append(Backend("cpu", fft_library="fftw"))
+    return backends
+
+
+@pytest.mark.parametrize("backend", cpu_backends(), ids=lambda b: b.fft_library)
+@pytest.mark.parametrize("boundary", BOUNDARIES)
+@pytest.mark.parametrize("shape,psf_shape", CASES)
+def test_adjoint_dot_product(backend, boundary, shape, psf_shape):
+    rng = np.random.default_rng(0)
+    op = Convolution(rng.random(psf_shape), shape, boundary=boundary, backend=backend)
+    x = rng.random(op.object_shape).astype(np.float32)
+    y = rng.random(shape).astype(np.float32)
+    hx = np.array(op.forward(x), dtype=np.float64)
+    hty = np.array(op.adjoint(y), dtype=np.float64)
+    lhs, rhs = np.vdot(hx, y), np.vdot(x, hty)
+    assert abs(lhs - rhs) <= 1e-6 * abs(lhs)
+
+
+@pytest.mark.parametrize("boundary", BOUNDARIES)
+@pytest.mark.parametrize("shape,psf_shape", CASES[:5])
+def test_public_convolve_pair_is_exactly_adjoint(device, boundary, shape, psf_shape):
+    rng = np.random.default_rng(1)
+    psf = rng.random(psf_shape)
+    x = rng.random(shape).astype(np.float32)
+    y = rng.random(shape).astype(np.float32)
+    hx = to_numpy(md.convolve(x, psf, boundary=boundary, device=device)).astype(np.float64)
+    hty = to_numpy(md.convolve_transpose(y, psf, boundary=boundary, device=device)).astype(np.float64)
+    assert abs(np.vdot(hx, y) - np.vdot(x, hty)) <= 1e-6 * abs(np.vdot(hx, y))
+
+
+@pytest.mark.parametrize(
+    "shape,psf_shape",
+    [((41,), (7,)), ((30, 33), (5, 9)), ((11, 20, 17), (5, 7, 3)), ((8, 9, 10), (13, 15, 11))],
+)
+def test_non_circulant_equals_fftconvolve_same(device, shape, psf_shape):
+    rng = np.random.default_rng(2)
+    x, psf = rng.random(shape), rng.random(psf_shape)
+    expected = scipy.signal.fftconvolve(x, psf / psf.sum(), mode="same")
+    got = to_numpy(md.convolve(x, psf, device=device))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("boundary,mode", [("reflect", "reflect"), ("periodic", "wrap")])
+@pytest.mark.parametrize("shape,psf_shape", [((41,), (7,)), ((30, 33), (5, 9)), ((11, 20, 17), (5, 7, 3))])
+def test_reflect_and_periodic_equal_ndimage(device, boundary, mode, shape, psf_shape):
+    rng = np.random.default_rng(3)
+    x, psf = rng.random(shape), rng.random(psf_shape)
+    expected = ndi.convolve(x, psf / psf.sum(), mode=mode)
+    got = to_numpy(md.convolve(x, psf, boundary=boundary, device=device))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_periodic_psf_larger_than_image_wraps_exactly():
+    rng = np.random.default_rng(4)
+    x, psf = rng.random(9), rng.random(23)
+    psf = psf / psf.sum()
+    c = len(psf) // 2
+    expected = np.array([sum(psf[k] * x[(i + c - k) % 9] for k in range(23)) for i in range(9)])
+    np.testing.assert_allclose(md.convolve(x, psf, boundary="periodic", device="cpu"), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("psf_shape", [(4, 4), (5, 6), (7, 7)])
+@pytest.mark.parametrize("boundary", BOUNDARIES)
+def test_delta_psf_at_n_over_2_is_identity(psf_shape, boundary):
+    delta = np.zeros(psf_shape)
+    delta[tuple(n // 2 for n in psf_shape)] = 3.0  # normalized to 1 inside
+    x = np.random.default_rng(5).random((13, 10)).astype(np.float32)
+    np.testing.assert_allclose(md.convolve(x, delta, boundary=boundary, device="cpu"), x, atol=1e-6)
+    np.testing.assert_allclose(md.convolve_transpose(x, delta, boundary=boundary, device="cpu"), x, atol=1e-6)
+
+
+def test_fft_grid_uses_fast_lengths_and_covers_the_psf():
+    op = Convolution(np.ones((31, 31, 31)), (64, 250, 257), boundary="non-circulant")
+    assert all(f >= n + p - 1 for f, n, p in zip(op.fft_shape, (64, 250, 257), (31, 31, 31)))
+    for length in op.fft_shape:
+        remainder = length
+        for factor in (2, 3, 5):
+            while remainder % factor == 0:
+                remainder //= factor
+        assert remainder == 1
+    assert Convolution(np.ones(3), (97,), boundary="periodic").fft_shape == (97,)
+
+
+def test_types_shapes_and_input_untouched(device, xp_for):
+    x = xp_for.asarray(np.random.default_rng(6).integers(0, 1000, (6, 20, 21)).astype(np.uint16))
+    copy = x.copy()
+    out = md.convolve(x, np.ones((3, 3, 3)), device=device)
+    assert type(out) is type(x) and out.dtype == np.float32 and out.shape == x.shape
+    assert bool((x == copy).all())
+
+
+@pytest.mark.parametrize(
+    "x,psf,error,match",
+    [
+        (np.ones((4, 4)), np.ones(3), ValueError, "psf has 1 axes but the image has 2"),
+        (np.ones((4, 4)), -np.ones((3, 3)), ValueError, "psf has negative values"),
+        (np.ones((4, 4)), np.zeros((3, 3)), ValueError, "psf is all zero"),
+        (np.ones((4, 4)), np.full((3, 3), np.nan), ValueError, "psf contains NaN"),
+        (np.array([1.0, np.inf]), np.ones(3), ValueError, "x contains NaN or infinite"),
+        (np.ones((0, 4)), np.ones((3, 3)), ValueError, "x is empty"),
+        (np.ones(4, complex), np.ones(3), TypeError, "x has complex dtype"),
+        (np.array(["a", "b"]), np.ones(3), TypeError, "x has dtype <U1"),
+        (np.ones(4, bool), np.ones(3), TypeError, "x has dtype bool"),
+        (np.float32(3.0), np.ones(3), ValueError, "x must have at least one axis"),
+    ],
+)
+def test_bad_input_is_named(x, psf, error, match):
+    with pytest.raises(error, match=match):
+        md.convolve(x, psf, device="cpu")
+
+
+def test_bad_boundary_is_named():
+    with pytest.raises(ValueError, match="boundary must be one of"):
+        md.convolve(np.ones(5), np.ones(3), boundary="zero", device="cpu")

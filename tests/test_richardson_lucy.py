@@ -1,0 +1,214 @@
+import sys
+
+import numpy as np
+import pytest
+
+import microdecon as md
+
+from .conftest import psnr, to_numpy
+
+rl_module = sys.modules["microdecon.restore.richardson_lucy"]
+
+
+@pytest.fixture(scope="module")
+def problem_3d():
+    rng = np.random.default_rng(0)
+    truth = md.data.phantom((16, 48, 48), seed=3)
+    psf = md.psf.gaussian((9, 11, 11), (2.0, 1.3, 1.3))
+    blurred = md.convolve(truth, psf, device="cpu")
+    noisy = rng.poisson(np.maximum(blurred, 0) * 20).astype(np.float32) / 20
+    return truth, psf, noisy
+
+
+@pytest.fixture(scope="module")
+def problem_2d():
+    rng = np.random.default_rng(1)
+    truth = md.data.phantom((64, 64), seed=4)
+    psf = md.psf.gaussian((15, 15), 2.0)
+    blurred = md.convolve(truth, psf, device="cpu")
+    return truth, psf, rng.poisson(np.maximum(blurred, 0) * 50).astype(np.float32) / 50
+
+
+@pytest.mark.parametrize("boundary", ["non-circulant", "periodic", "reflect"])
+def test_rl_improves_psnr_3d(device, boundary):
+    # data made with the same boundary model that restores it
+    truth = md.data.phantom((16, 48, 48), seed=3)
+    psf = md.psf.gaussian((9, 11, 11), (2.0, 1.3, 1.3))
+    blurred = np.maximum(md.convolve(truth, psf, boundary=boundary, device="cpu"), 0)
+    noisy = np.random.default_rng(0).poisson(blurred * 20).astype(np.float32) / 20
+    out = md.richardson_lucy(noisy, psf, 15, boundary=boundary, device=device)
+    assert psnr(truth, out) > psnr(truth, noisy) + 3.0
+
+
+def test_rl_improves_psnr_1d_and_2d(device, problem_2d):
+    truth, psf, noisy = problem_2d
+    assert psnr(truth, md.richardson_lucy(noisy, psf, 20, device=device)) > psnr(truth, noisy) + 2.0
+    # 1-D: two peaks closer than the blur's FWHM (7 px) merge in the data and separate again
+    signal = np.zeros(200, np.float32)
+    signal[[40, 46, 120]] = [50, 80, 60]
+    psf1 = md.psf.gaussian(21, 3.0)
+    blurred1 = md.convolve(signal, psf1, device="cpu")
+    assert blurred1[43] > 0.9 * min(blurred1[40], blurred1[46])  # unresolved
+    restored = to_numpy(md.richardson_lucy(blurred1, psf1, 50, device=device))
+    assert restored[41:46].min() < 0.3 * min(restored[38:43].max(), restored[44:49].max())
+    assert abs(restored[30:60].sum() - 130) < 2 and abs(restored[110:130].sum() - 60) < 1
+
+
+def test_accelerated_beats_plain_at_equal_iterations(problem_3d):
+    truth, psf, noisy = problem_3d
+    plain = md.richardson_lucy(noisy, psf, 10, accelerate=False, device="cpu")
+    fast = md.richardson_lucy(noisy, psf, 10, accelerate=True, device="cpu")
+    assert psnr(truth, fast) > psnr(truth, plain) + 0.5
+
+
+def test_output_is_float32_nonnegative_and_input_untouched(device, xp_for, problem_3d):
+    _, psf, noisy = problem_3d
+    image = xp_for.asarray(np.round(noisy * 100).astype(np.uint16))
+    before = image.copy()
+    out = md.richardson_lucy(image, psf, 5, device=device)
+    assert type(out) is type(image) and out.dtype == np.float32 and out.shape == image.shape
+    assert float(out.min()) >= 0 and bool(xp_for.isfinite(out).all())
+    assert bool((image == before).all())
+
+
+def naive_periodic_rl(image, psf, num_iter):
+    """Textbook RL with circular convolution via numpy.fft, float64: the reference."""
+    kernel = np.zeros(image.shape)
+    kernel[tuple(slice(0, n) for n in psf.shape)] = psf / psf.sum()
+    kernel = np.roll(kernel, [-(n // 2) for n in psf.shape], axis=tuple(range(image.ndim)))
+    otf = np.fft.rfftn(kernel)
+
+    def blur(x, transpose=False):
+        spectrum = np.fft.rfftn(x) * (otf.conj() if transpose else otf)
+        return np.fft.irfftn(spectrum, s=image.shape, axes=tuple(range(image.ndim)))
+
+    x = 0.95 * image + 0.05 * image.mean()  # microdecon's first estimate
+    for _ in range(num_iter):
+        x = x * blur(image / blur(x), transpose=True)
+    return x
+
+
+def test_plain_periodic_rl_matches_textbook_reference(device, problem_2d):
+    truth, psf, noisy = problem_2d
+    image = noisy + 0.5  # strictly positive: the textbook version has no guards
+    expected = naive_periodic_rl(image.astype(np.float64), psf.astype(np.float64), 12)
+    got = to_numpy(md.richardson_lucy(image, psf, 12, accelerate=False, boundary="periodic", device=device))
+    assert np.abs(got - expected).max() <= 1e-4 * expected.max()
+
+
+def test_background_is_an_additive_offset(problem_3d):
+    truth, psf, noisy = problem_3d
+    offset = 40.0
+    with_offset = noisy + offset
+    modelled = md.richardson_lucy(with_offset, psf, 15, background=offset, device="cpu")
+    ignored = md.richardson_lucy(with_offset, psf, 15, device="cpu")
+    # A background slows RL down (each ratio is diluted by it), but modelling it beats ignoring
+    # it by far and still restores the data.
+    assert psnr(truth, modelled) > psnr(truth, ignored) + 3
+    assert psnr(truth, modelled) > psnr(truth, noisy) + 1
+    as_array = md.richardson_lucy(with_offset, psf, 15, background=np.full(noisy.shape, offset), device="cpu")
+    np.testing.assert_allclose(as_array, modelled, rtol=1e-4, atol=1e-4)
+
+
+def test_non_circulant_restores_objects_cut_by_the_border():
+    truth = np.zeros((64, 64), np.float32)
+    truth[20:44, 0:6] = 100  # a bright object cut by the left edge
+    truth[30, 40] = 300
+    psf = md.psf.gaussian((17, 17), 2.5)
+    observed = md.convolve(truth, psf, device="cpu")  # the light that fell outside is lost
+    errors = {}
+    for boundary in ("non-circulant", "periodic", "reflect"):
+        out = md.richardson_lucy(observed, psf, 30, boundary=boundary, device="cpu")
+        errors[boundary] = float(np.abs(out[16:48, :10] - truth[16:48, :10]).mean())
+    assert errors["non-circulant"] < 12
+    assert errors["periodic"] > 3 * errors["non-circulant"]
+    assert errors["reflect"] > 2 * errors["non-circulant"]
+
+
+def test_delta_psf_returns_the_input(device):
+    image = np.random.default_rng(2).random((10, 12)).astype(np.float32) + 0.1
+    delta = np.zeros((3, 3))
+    delta[1, 1] = 1
+    for boundary in ("non-circulant", "periodic", "reflect"):
+        out = to_numpy(md.richardson_lucy(image, delta, 3, boundary=boundary, device=device))
+        np.testing.assert_allclose(out, image, rtol=1e-5)
+
+
+def test_edge_cases_zero_image_and_zero_iterations(device):
+    psf = md.psf.gaussian((5, 5), 1.0)
+    zero = to_numpy(md.richardson_lucy(np.zeros((16, 16)), psf, 5, device=device))
+    assert np.all(zero == 0)
+    image = np.random.default_rng(3).random((16, 16)).astype(np.float32)
+    start = to_numpy(md.richardson_lucy(image, psf, 0, device=device))
+    np.testing.assert_allclose(start, 0.95 * image + 0.05 * image.mean(), rtol=1e-5)
+    huge = to_numpy(md.richardson_lucy(image * 1e30, psf, 5, device=device))
+    assert np.isfinite(huge).all() and huge.max() > 1e29
+
+
+def test_callback_sees_each_iteration_and_can_stop(problem_2d):
+    _, psf, noisy = problem_2d
+    seen = []
+
+    def callback(iteration, estimate):
+        seen.append((iteration, estimate.shape, float(estimate.sum())))
+        return iteration == 4
+
+    md.richardson_lucy(noisy, psf, 30, callback=callback, device="cpu")
+    assert [s[0] for s in seen] == [1, 2, 3, 4]
+    assert all(s[1] == noisy.shape for s in seen)
+
+
+def test_otf_and_plan_are_computed_once_per_call(monkeypatch, problem_2d):
+    _, psf, noisy = problem_2d
+    calls = {"forward": 0, "plans": 0}
+    backend = md._backend.get_backend(device="cpu")
+    original_plan = backend.fft_plan
+
+    def counting_plan(shape):
+        calls["plans"] += 1
+        plan = original_plan(shape)
+        original_forward = plan.forward
+
+        def forward(x):
+            calls["forward"] += 1
+            return original_forward(x)
+
+        monkeypatch.setattr(plan, "forward", forward)
+        return plan
+
+    monkeypatch.setattr(backend, "fft_plan", counting_plan)
+    md.richardson_lucy(noisy, psf, 7, accelerate=False, device="cpu")
+    # one plan; one FFT for the OTF, two for H^T 1, then two per iteration
+    assert calls["plans"] == 1
+    assert calls["forward"] == 1 + 1 + 2 * 7
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"num_iter": -1}, ValueError, "num_iter must be >= 0"),
+        ({"num_iter": 2.5}, TypeError, "num_iter must be an integer"),
+        ({"num_iter": True}, TypeError, "num_iter must be an integer"),
+        ({"background": -1.0}, ValueError, "background must be >= 0"),
+        ({"background": np.ones((3, 3))}, ValueError, "background of shape"),
+        ({"background": float("nan")}, ValueError, "background must be finite"),
+        ({"boundary": "wrap"}, ValueError, "boundary must be one of"),
+        ({"device": "tpu"}, ValueError, "device must be"),
+        ({"callback": 3}, TypeError, "callback must be callable"),
+    ],
+)
+def test_bad_parameters_are_named(kwargs, error, match):
+    params = {"num_iter": 2, **kwargs}
+    with pytest.raises(error, match=match):
+        md.richardson_lucy(np.ones((8, 8)), np.ones((3, 3)), device=params.pop("device", "cpu"), **params)
+
+
+def test_bad_images_and_psfs_are_named():
+    with pytest.raises(ValueError, match="image contains NaN"):
+        md.richardson_lucy(np.array([[1.0, np.nan]]), np.ones((1, 1)), 2, device="cpu")
+    with pytest.raises(ValueError, match="psf has 2 axes but the image has 3"):
+        md.richardson_lucy(np.ones((2, 3, 4)), np.ones((3, 3)), 2, device="cpu")
+    with pytest.raises(TypeError, match="image has complex dtype"):
+        md.richardson_lucy(np.ones((4, 4), complex), np.ones((3, 3)), 2, device="cpu")
+    with pytest.raises(ValueError, match="image is empty"):
+        md.richardson_lucy(np.ones((4, 0)), np.ones((3, 3)), 2, device="cpu")

@@ -1,0 +1,64 @@
+import numpy as np
+import pytest
+
+import microdecon as md
+from microdecon.restore.wiener import estimate_noise_sigma
+
+from .conftest import psnr, to_numpy
+
+
+def test_noise_free_periodic_blur_is_recovered_almost_exactly(device):
+    truth = md.data.phantom((12, 40, 40), seed=1)
+    psf = md.psf.gaussian((7, 9, 9), (0.6, 0.7, 0.7))  # its OTF has no zeros to lose
+    blurred = md.convolve(truth, psf, boundary="periodic", device="cpu")
+    out = to_numpy(md.wiener(blurred, psf, balance=1e-9, boundary="periodic", clip=False, device=device))
+    assert np.abs(out - truth).max() < 2e-3 * truth.max()
+
+
+@pytest.mark.parametrize("boundary", ["non-circulant", "periodic", "reflect"])
+def test_auto_balance_restores_noisy_data(device, boundary):
+    rng = np.random.default_rng(0)
+    truth = md.data.phantom((64, 64), seed=2)
+    psf = md.psf.gaussian((15, 15), 1.5)
+    noisy = rng.poisson(np.maximum(md.convolve(truth, psf, device="cpu"), 0) * 20).astype(np.float32) / 20
+    out = md.wiener(noisy, psf, boundary=boundary, device=device)
+    assert psnr(truth, out) > psnr(truth, noisy) + 1.0
+    assert float(out.min()) >= 0
+
+
+def test_background_is_subtracted():
+    truth = md.data.phantom((48, 48), seed=3)
+    psf = md.psf.gaussian((9, 9), 1.0)
+    blurred = md.convolve(truth, psf, boundary="periodic", device="cpu")
+    a = md.wiener(blurred + 25, psf, balance=1e-6, background=25.0, boundary="periodic", device="cpu")
+    b = md.wiener(blurred, psf, balance=1e-6, boundary="periodic", device="cpu")
+    np.testing.assert_allclose(a, b, atol=1e-3 * truth.max())
+
+
+def test_noise_sigma_estimate():
+    rng = np.random.default_rng(4)
+    smooth = md.convolve(md.data.phantom((32, 64, 64), seed=5), md.psf.gaussian((9, 9, 9), 2.0), device="cpu")
+    for sigma in (0.5, 2.0):
+        estimate = estimate_noise_sigma(smooth + rng.normal(0, sigma, smooth.shape))
+        assert abs(estimate - sigma) < 0.1 * sigma
+
+
+@pytest.mark.parametrize("balance,error", [(-1.0, ValueError), ("high", ValueError), (None, TypeError)])
+def test_bad_balance_is_named(balance, error):
+    with pytest.raises(error, match="balance"):
+        md.wiener(np.ones((8, 8)), np.ones((3, 3)), balance=balance, device="cpu")
+
+
+def test_deconvolve_dispatches_and_names_bad_methods():
+    image = np.random.default_rng(5).random((16, 16)).astype(np.float32)
+    psf = md.psf.gaussian((5, 5), 1.0)
+    np.testing.assert_array_equal(
+        md.deconvolve(image, psf, "rl", num_iter=3, device="cpu"),
+        md.richardson_lucy(image, psf, 3, device="cpu"),
+    )
+    np.testing.assert_array_equal(
+        md.deconvolve(image, psf, "wiener", balance=0.01, device="cpu"),
+        md.wiener(image, psf, balance=0.01, device="cpu"),
+    )
+    with pytest.raises(ValueError, match="method must be one of"):
+        md.deconvolve(image, psf, "magic", device="cpu")
