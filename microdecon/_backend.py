@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import sys
 from collections import OrderedDict
 from typing import Any
 
@@ -78,8 +79,11 @@ class _ScipyStylePlan:
 
     Both directions are unnormalized (the inverse returns ``n`` times the true inverse); the
     caller folds ``1 / n`` into its OTF once instead of paying a scaling pass per transform.
-    CuPy caches its cuFFT plans per shape by itself, so nothing is planned here.
+    CuPy caches its cuFFT plans per shape by itself, so nothing is planned here. Every call
+    returns a new array (``reuses_buffers`` is False): callers may keep results.
     """
+
+    reuses_buffers = False
 
     def __init__(self, fft_module: Any, shape: tuple[int, ...], workers: int | None):
         self.shape = shape
@@ -96,16 +100,19 @@ class _ScipyStylePlan:
 class _FFTWPlan:
     """Real FFTs through pyFFTW with plans measured once per shape and reused.
 
-    The plan owns its two aligned buffers; ``forward`` copies its input into the real buffer
-    when it is not that buffer already, and both methods return the plan's own buffer, which
-    the next call of the same method overwrites.
+    The transforms run in place: the real grid is a view into the (padded) spectrum buffer,
+    which halves the plan's memory. ``forward`` copies its input into that grid when it is not
+    the grid already; both methods return the plan's own buffer, which the next call overwrites
+    (``reuses_buffers`` is True).
     """
+
+    reuses_buffers = True
 
     def __init__(self, pyfftw: Any, shape: tuple[int, ...], threads: int):
         self.shape = shape
         spectral = shape[:-1] + (shape[-1] // 2 + 1,)
-        self.real = pyfftw.empty_aligned(shape, dtype=np.float32)
         self.spectrum = pyfftw.empty_aligned(spectral, dtype=np.complex64)
+        self.real = self.spectrum.view(np.float32)[..., : shape[-1]]
         axes = tuple(range(len(shape)))
         flags = ("FFTW_MEASURE", "FFTW_DESTROY_INPUT")
         self._forward = pyfftw.FFTW(
@@ -129,58 +136,204 @@ class _FFTWPlan:
 
 
 # --------------------------------------------------------------------------------------------
-# Fused elementwise kernels: CuPy kernels built once per device, NumPy fallbacks in place
+# Fused elementwise kernels: CuPy kernels built once per device; NumPy fallbacks that work slab
+# by slab along the first axis, in a thread pool (NumPy releases the GIL), with slab-sized
+# temporaries only: several steps per pass while the slab is in cache, every core busy, and no
+# grid-sized temporary.
 # --------------------------------------------------------------------------------------------
-def _numpy_kernels():
-    def rl_ratio(image, blurred, background, floor, out):
-        """out = image / max(blurred + background, floor)."""
-        np.add(blurred, background, out=out)
-        np.maximum(out, floor, out=out)
-        np.divide(image, out, out=out)
+_SLAB_ELEMENTS = 1 << 18  # ~1 MB of float32 per slab: stays in a core's cache
+
+
+class _Slabs:
+    """Runs a function over slabs of the first axis, on a thread pool when the work is large."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self._pool = None
+
+    def map(self, fn, array) -> list:
+        rows = array.shape[0] if array.ndim else 1
+        per_row = max(1, array.size // max(rows, 1))
+        step = max(1, _SLAB_ELEMENTS // per_row)
+        slabs = [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+        if self.workers == 1 or len(slabs) == 1:
+            return [fn(s) for s in slabs]
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="microdecon")
+        return list(self._pool.map(fn, slabs))
+
+
+def to_bfloat16(values: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits (uint16): the upper half of each float, i.e. rounding toward zero.
+
+    Float32's range with 2-3 significant digits: enough for dot products that only steer the
+    extrapolation, at half the memory, and a plain copy rather than a conversion (float16
+    conversions cost three times as much, and small updates would fall into its subnormals).
+    """
+    if sys.byteorder != "little":  # pragma: no cover - no big-endian machine runs this
+        return (values.view(np.uint32) >> 16).astype(np.uint16)
+    return values.view(np.uint16)[..., 1::2]
+
+
+def from_bfloat16(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bits (uint16) -> float32."""
+    out = np.zeros(bits.shape, np.float32)
+    if sys.byteorder != "little":  # pragma: no cover
+        return (bits.astype(np.uint32) << 16).view(np.float32)
+    out.view(np.uint16)[..., 1::2] = bits
+    return out
+
+
+def _numpy_kernels(workers: int):
+    slabs = _Slabs(workers)
+
+    def rl_ratio(image, blurred, background, floor):
+        """blurred <- image / max(blurred + background, floor), in place."""
+        if isinstance(background, np.ndarray) and background.ndim:
+            background = np.broadcast_to(background, image.shape)
+
+        def slab(s):
+            denominator = blurred[s] + (
+                background[s] if isinstance(background, np.ndarray) and background.ndim else background
+            )
+            np.maximum(denominator, floor, out=denominator)
+            np.divide(image[s], denominator, out=blurred[s])
+
+        slabs.map(slab, image)
+        return blurred
+
+    def rl_update(estimate, correction, normalization, out):
+        """out <- max(estimate * correction * normalization, 0); ``normalization`` may be None."""
+
+        def slab(s):
+            value = correction[s] * estimate[s]
+            if normalization is not None:
+                value *= normalization[s]
+            np.maximum(value, 0, out=out[s])
+
+        slabs.map(slab, estimate)
         return out
 
-    def multiply_clip(a, b, out):
-        """out = max(a * b, 0)."""
-        np.multiply(a, b, out=out)
-        np.maximum(out, 0, out=out)
-        return out
+    def rl_accelerated_update(predicted, correction, normalization, update_prev, have_prev):
+        """One Biggs–Andrews step after the RL correction, in one pass over the data.
+
+        predicted <- new = max(predicted * correction * normalization, 0); the update
+        g = new - predicted replaces ``update_prev`` (stored as bfloat16, see
+        :func:`to_bfloat16`); returns <g, g_prev> and <g_prev, g_prev>, taken before it does.
+        """
+
+        def slab(s):
+            value = correction[s] * predicted[s]
+            if normalization is not None:
+                value *= normalization[s]
+            np.maximum(value, 0, out=value)
+            new = value.copy()
+            value -= predicted[s]  # the update g
+            predicted[s] = new
+            cross = norm = 0.0
+            if have_prev:
+                previous = from_bfloat16(update_prev[s])
+                cross = float(np.dot(value.ravel(), previous.ravel()))
+                norm = float(np.dot(previous.ravel(), previous.ravel()))
+            update_prev[s] = to_bfloat16(value)
+            return cross, norm
+
+        parts = slabs.map(slab, predicted)
+        return sum(p[0] for p in parts), sum(p[1] for p in parts)
 
     def extrapolate(previous, current, alpha):
         """previous <- max(current + alpha * (current - previous), 0), in place."""
-        np.subtract(current, previous, out=previous)
-        previous *= np.float32(alpha)
-        previous += current
-        np.maximum(previous, 0, out=previous)
+        alpha = np.float32(alpha)
+
+        def slab(s):
+            value = current[s] - previous[s]
+            value *= alpha
+            value += current[s]
+            np.maximum(value, 0, out=previous[s])
+
+        slabs.map(slab, current)
         return previous
 
     def multiply_spectrum(spectrum, otf, conjugate):
-        """spectrum *= otf (or its conjugate), in place, with no full-size temporary."""
-        if not conjugate:
-            spectrum *= otf
-            return spectrum
-        # conj() of a whole OTF would allocate one; slabs keep the temporary small.
-        step = max(1, spectrum.shape[0] // 16) if spectrum.ndim > 1 else spectrum.shape[0]
-        for start in range(0, spectrum.shape[0], step):
-            spectrum[start : start + step] *= otf[start : start + step].conj()
+        """spectrum *= otf (or its conjugate); ``otf`` may be real (a symmetric PSF)."""
+        conjugate = conjugate and np.iscomplexobj(otf)
+
+        def slab(s):
+            spectrum[s] *= otf[s].conj() if conjugate else otf[s]
+
+        slabs.map(slab, spectrum)
         return spectrum
+
+    def copy(destination, source):
+        def slab(s):
+            destination[s] = source[s]
+
+        slabs.map(slab, source)
+        return destination
 
     return {
         "rl_ratio": rl_ratio,
-        "multiply_clip": multiply_clip,
+        "rl_update": rl_update,
+        "rl_accelerated_update": rl_accelerated_update,
         "extrapolate": extrapolate,
         "multiply_spectrum": multiply_spectrum,
+        "copy": copy,
     }
 
 
 def _cupy_kernels(cupy: Any):
     ratio = cupy.ElementwiseKernel(
-        "T image, T blurred, T background, T floor",
-        "T out",
-        "T d = blurred + background; out = image / (d > floor ? d : floor)",
+        "T image, T background, T floor",
+        "T blurred",
+        "T d = blurred + background; blurred = image / (d > floor ? d : floor)",
         "microdecon_rl_ratio",
     )
-    mul_clip = cupy.ElementwiseKernel(
-        "T a, T b", "T out", "T v = a * b; out = v > (T)0 ? v : (T)0", "microdecon_multiply_clip"
+    update = cupy.ElementwiseKernel(
+        "T estimate, T correction",
+        "T out",
+        "T v = estimate * correction; out = v > (T)0 ? v : (T)0",
+        "microdecon_rl_update",
+    )
+    update_normalized = cupy.ElementwiseKernel(
+        "T estimate, T correction, T normalization",
+        "T out",
+        "T v = estimate * correction * normalization; out = v > (T)0 ? v : (T)0",
+        "microdecon_rl_update_normalized",
+    )
+    # new estimate in place of the predicted point; the update g into the correction's scratch
+    accelerated = cupy.ElementwiseKernel(
+        "T normalization",
+        "T predicted, T correction",
+        """
+        T v = predicted * correction * normalization;
+        v = v > (T)0 ? v : (T)0;
+        correction = v - predicted;
+        predicted = v;
+        """,
+        "microdecon_rl_accelerated",
+    )
+    dot = cupy.ReductionKernel(
+        "float32 a, uint16 b",
+        "float64 y",
+        "(double)a * (double)__uint_as_float(((unsigned int)b) << 16)",
+        "a + b",
+        "y = a",
+        "0",
+        "microdecon_dot_bfloat16",
+    )
+    square = cupy.ReductionKernel(
+        "uint16 b",
+        "float64 y",
+        "(double)__uint_as_float(((unsigned int)b) << 16) * (double)__uint_as_float(((unsigned int)b) << 16)",
+        "a + b",
+        "y = a",
+        "0",
+        "microdecon_sum_squares_bfloat16",
+    )
+    store = cupy.ElementwiseKernel(
+        "float32 g", "uint16 b", "b = (unsigned short)(__float_as_uint(g) >> 16)", "microdecon_to_bfloat16"
     )
     extrap = cupy.ElementwiseKernel(
         "T current, T alpha",
@@ -192,26 +345,43 @@ def _cupy_kernels(cupy: Any):
         "C otf", "C spectrum", "spectrum = spectrum * conj(otf)", "microdecon_multiply_conj"
     )
 
-    def rl_ratio(image, blurred, background, floor, out):
-        return ratio(image, blurred, background, floor, out)
+    def rl_ratio(image, blurred, background, floor):
+        return ratio(image, background, floor, blurred)
 
-    def multiply_clip(a, b, out):
-        return mul_clip(a, b, out)
+    def rl_update(estimate, correction, normalization, out):
+        if normalization is None:
+            return update(estimate, correction, out)
+        return update_normalized(estimate, correction, normalization, out)
+
+    def rl_accelerated_update(predicted, correction, normalization, update_prev, have_prev):
+        accelerated(normalization if normalization is not None else cupy.float32(1), predicted, correction)
+        cross = norm = 0.0
+        if have_prev:
+            cross = float(dot(correction, update_prev))
+            norm = float(square(update_prev))
+        store(correction, update_prev)
+        return cross, norm
 
     def extrapolate(previous, current, alpha):
         return extrap(current, cupy.float32(alpha), previous)
 
     def multiply_spectrum(spectrum, otf, conjugate):
-        if conjugate:
+        if conjugate and otf.dtype.kind == "c":
             return mul_conj(otf, spectrum)
         spectrum *= otf
         return spectrum
 
+    def copy(destination, source):
+        destination[...] = source
+        return destination
+
     return {
         "rl_ratio": rl_ratio,
-        "multiply_clip": multiply_clip,
+        "rl_update": rl_update,
+        "rl_accelerated_update": rl_accelerated_update,
         "extrapolate": extrapolate,
         "multiply_spectrum": multiply_spectrum,
+        "copy": copy,
     }
 
 
@@ -254,7 +424,7 @@ class Backend:
                 fft_library = "fftw" if _pyfftw() is not None else "pocketfft"
             self.fft_library = fft_library
             self._fft_module = importlib.import_module("scipy.fft")
-            kernels = _numpy_kernels()
+            kernels = _numpy_kernels(cpu_count())
         for kernel_name, kernel in kernels.items():
             setattr(self, kernel_name, kernel)
 
@@ -347,9 +517,29 @@ class Backend:
 _DEVICE_HELP = "device must be 'auto', 'cpu', 'gpu' or 'gpu:N' (N a CUDA device number)"
 
 
+_CPU_FFT = {"library": None}  # None: FFTW when pyFFTW is installed, else scipy.fft
+
+
+def set_cpu_fft(library: str = "auto") -> None:
+    """Choose the CPU FFT library: "auto" (pyFFTW when installed), "fftw" or "pocketfft" (scipy.fft).
+
+    Examples
+    --------
+    >>> set_cpu_fft("pocketfft"); get_backend(device="cpu").fft_library
+    'pocketfft'
+    >>> set_cpu_fft("auto")
+    """
+    if library not in ("auto", "fftw", "pocketfft"):
+        raise ValueError(f"library must be 'auto', 'fftw' or 'pocketfft', got {library!r}")
+    if library == "fftw" and _pyfftw() is None:
+        raise ValueError("library='fftw' needs pyFFTW: pip install microdecon[fftw]")
+    _CPU_FFT["library"] = None if library == "auto" else library
+    _backend_for.cache_clear()
+
+
 @functools.cache
 def _backend_for(name: str, device_id: int | None) -> Backend:
-    return Backend(name, device_id)
+    return Backend(name, device_id, fft_library=_CPU_FFT["library"] if name == "cpu" else None)
 
 
 def get_backend(*arrays: Any, device: str = "auto") -> Backend:

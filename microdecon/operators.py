@@ -23,6 +23,7 @@ Boundary modes
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -89,21 +90,50 @@ def _source_slice(run: _Run) -> slice:
     return slice(run.src_start, stop if stop >= 0 else None, -1)
 
 
-def _fold_psf(psf: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Place the PSF on a grid of ``shape`` with its centre (index n // 2) at the origin, wrapping
-    (and summing) whatever is larger than the grid, as circular convolution requires."""
+def _wrapped_kernel(psf: np.ndarray, shape: tuple[int, ...], backend: Backend):
+    """The PSF on an FFT grid of ``shape``, centre (index n // 2) at the origin, on the device.
+
+    Axes where the PSF is longer than the grid are folded first (summing what wraps onto the
+    same place, as circular convolution does). Then the PSF's quadrants are copied to the grid's
+    corners: only the small PSF is handled on the host, and the grid is made once, in float32.
+    """
     folded = psf
+    centre = [p // 2 for p in psf.shape]
     for axis, length in enumerate(shape):
         p = folded.shape[axis]
-        target = np.mod(np.arange(p) - p // 2, length)
+        if p <= length:
+            continue
         new_shape = list(folded.shape)
         new_shape[axis] = length
         out = np.zeros(new_shape, dtype=np.float64)
         index = [slice(None)] * folded.ndim
-        index[axis] = target
+        index[axis] = np.mod(np.arange(p) - p // 2, length)
         np.add.at(out, tuple(index), folded)
-        folded = out
-    return folded
+        folded, centre[axis] = out, 0  # already centred at the origin on this axis
+    folded = backend.asarray(folded, dtype=np.float32)
+    grid = backend.empty(shape)
+    grid[...] = 0
+    pieces = []
+    for n, c, length in zip(folded.shape, centre, shape):
+        # [c, n) goes to the start of the grid, [0, c) wraps to its end
+        pieces.append([(slice(c, n), slice(0, n - c)), (slice(0, c), slice(length - c, length))])
+    for choice in itertools.product(*pieces):
+        source = tuple(src for src, _ in choice)
+        target = tuple(dst for _, dst in choice)
+        if all(s.stop > s.start for s in source):
+            grid[target] = folded[source]
+    return grid
+
+
+def _is_point_symmetric(psf: np.ndarray) -> bool:
+    """Whether psf[c + d] == psf[c - d] for every offset d (c = n // 2), to 1e-6 of its peak."""
+    pad = []
+    for n in psf.shape:
+        left, right = n // 2, n - 1 - n // 2
+        reach = max(left, right)
+        pad.append((reach - left, reach - right))
+    centred = np.pad(psf, pad)
+    return bool(np.abs(centred - centred[(slice(None, None, -1),) * psf.ndim]).max() <= 1e-6 * psf.max())
 
 
 class Convolution:
@@ -131,7 +161,8 @@ class Convolution:
         Where the image sits inside the FFT grid.
     otf : array
         Half-spectrum OTF on the FFT grid, scaled by ``1 / prod(fft_shape)`` so that an
-        unnormalized forward and inverse transform pair needs no further scaling.
+        unnormalized forward and inverse transform pair needs no further scaling. Real (float32)
+        when the PSF is symmetric about its centre, complex64 otherwise.
 
     Examples
     --------
@@ -182,14 +213,18 @@ class Convolution:
 
         xp = self.backend.xp
         self.plan = self.backend.fft_plan(fft_shape)
-        kernel = self.backend.asarray(_fold_psf(psf_host, fft_shape), dtype=np.float32)
+        kernel = _wrapped_kernel(psf_host, fft_shape, self.backend)
         spectrum = self.plan.forward(kernel)
-        self.otf = xp.array(spectrum, dtype=np.complex64, copy=True)  # the plan reuses its buffer
+        del kernel
+        # keep the spectrum as the OTF, unless the plan will overwrite it
+        self.otf = xp.array(spectrum, copy=True) if self.plan.reuses_buffers else spectrum
         self.otf *= np.float32(self.fft_scale)
-        del kernel, spectrum
-        self._buffer = None  # scratch FFT-grid array when the plan has none of its own
-        self._fold_out = None
-        self._work = None
+        del spectrum
+        if _is_point_symmetric(psf_host):
+            # A PSF symmetric about its centre has a real OTF: keep half the memory, and the
+            # adjoint's conjugation is free.
+            self.otf = xp.ascontiguousarray(self.otf.real)
+        self._work = None  # the last transform's output: scratch for the next one
 
     # ---- buffers ----------------------------------------------------------------------------
     def _grid_buffer(self):
@@ -199,9 +234,7 @@ class Convolution:
             return own
         if self._work is not None:  # the last inverse output is scratch by now
             return self._work
-        if self._buffer is None:
-            self._buffer = self.backend.empty(self.fft_shape)
-        return self._buffer
+        return self.backend.empty(self.fft_shape)
 
     def _zero_outside_image(self, grid) -> None:
         if self.boundary == "periodic":
@@ -253,6 +286,8 @@ class Convolution:
         else:
             source = x
         spectrum = self.plan.forward(source)
+        del source
+        self._work = None  # let go of the last result before the inverse makes a new one
         be.multiply_spectrum(spectrum, self.otf, False)
         self._work = self.plan.inverse(spectrum)
         return self._work[self.image_slices]
@@ -271,6 +306,8 @@ class Convolution:
             grid[self.image_slices] = y
         self._zero_outside_image(grid)
         spectrum = self.plan.forward(grid)
+        del grid
+        self._work = None
         self.backend.multiply_spectrum(spectrum, self.otf, True)
         self._work = self.plan.inverse(spectrum)
         if self.boundary == "reflect":
@@ -336,7 +373,11 @@ class Convolution:
     def adjoint_of_ones(self):
         """``H^T 1``: how much of each object voxel's light the image sees (RL's normalization)."""
         ones = self.backend.xp.ones(self.image_shape, dtype=np.float32)
-        return self.backend.xp.array(self.adjoint(ones), dtype=np.float32, copy=True)
+        result = self.adjoint(ones)
+        if self.plan.reuses_buffers or self.boundary == "reflect":  # scratch, or a view into it
+            return self.backend.xp.array(result, copy=True)
+        self._work = None  # hand the fresh array over
+        return result
 
 
 def _prepare(x: Any, psf: Any, name: str, boundary: str, device: str) -> tuple[Convolution, Any]:

@@ -56,24 +56,73 @@ def test_fft_plans_are_bounded_per_backend():
     assert len(backend._plans) == _backend.MAX_CACHED_PLANS
 
 
-def test_numpy_kernels_match_their_formulas():
+def kernel_inputs(shape, seed=1):
+    rng = np.random.default_rng(seed)
+    f32 = lambda offset=0.0: (rng.random(shape) - offset).astype(np.float32)  # noqa: E731
+    return rng, f32
+
+
+@pytest.mark.parametrize("shape", [(50,), (7, 300, 301), (3, 5)])  # one slab, many slabs, tiny
+def test_numpy_kernels_match_their_formulas(shape):
     be = get_backend(device="cpu")
-    rng = np.random.default_rng(1)
-    image, blurred = rng.random(50).astype(np.float32), rng.random(50).astype(np.float32) - 0.5
-    out = np.empty_like(image)
-    be.rl_ratio(image, blurred, np.float32(0.1), np.float32(0.05), out)
-    np.testing.assert_allclose(out, image / np.maximum(blurred + 0.1, 0.05), rtol=1e-6)
-    a, b = rng.random(50).astype(np.float32) - 0.5, rng.random(50).astype(np.float32)
-    np.testing.assert_allclose(be.multiply_clip(a, b, np.empty_like(a)), np.maximum(a * b, 0))
-    previous, current = rng.random(50).astype(np.float32), rng.random(50).astype(np.float32)
+    rng, f32 = kernel_inputs(shape)
+    image, blurred = f32(), f32(0.5)
+    expected = image / np.maximum(blurred + 0.1, 0.05)
+    np.testing.assert_allclose(
+        be.rl_ratio(image, blurred, np.float32(0.1), np.float32(0.05)), expected, rtol=1e-6
+    )
+    background = f32()
+    image, blurred = f32(), f32(0.5)
+    expected = image / np.maximum(blurred + background, 0.05)
+    np.testing.assert_allclose(be.rl_ratio(image, blurred, background, np.float32(0.05)), expected, rtol=1e-6)
+
+    estimate, correction, normalization = f32(0.5), f32(), f32()
+    got = be.rl_update(estimate, correction, normalization, np.empty_like(estimate))
+    np.testing.assert_allclose(got, np.maximum(estimate * correction * normalization, 0), rtol=1e-6)
+    got = be.rl_update(estimate, correction, None, np.empty_like(estimate))
+    np.testing.assert_allclose(got, np.maximum(estimate * correction, 0), rtol=1e-6)
+
+    previous, current = f32(), f32()
     expected = np.maximum(current + 0.7 * (current - previous), 0)
     np.testing.assert_allclose(be.extrapolate(previous.copy(), current, 0.7), expected, rtol=1e-6)
-    spectrum = (rng.random((40, 5)) + 1j * rng.random((40, 5))).astype(np.complex64)
-    otf = (rng.random((40, 5)) + 1j * rng.random((40, 5))).astype(np.complex64)
+    assert np.array_equal(be.copy(np.empty_like(current), current), current)
+
+
+def test_accelerated_update_fuses_step_update_and_dots():
+    be = get_backend(device="cpu")
+    rng, f32 = kernel_inputs((9, 200, 150), seed=3)
+    predicted, correction, normalization = f32(), f32(), f32()
+    old_prev = f32(0.5)
+    update_prev = _backend.to_bfloat16(old_prev).copy()
+    old_prev = _backend.from_bfloat16(update_prev).astype(np.float64)
+    new = np.maximum(predicted * correction * normalization, 0)
+    work = predicted.copy()
+    cross, norm = be.rl_accelerated_update(work, correction, normalization, update_prev, True)
+    np.testing.assert_allclose(work, new, rtol=1e-6)
+    update = (new - predicted).astype(np.float64)
+    stored = _backend.from_bfloat16(update_prev)
+    assert np.all(np.abs(stored - update) <= 2**-7 * np.abs(update) + 1e-30)  # bfloat16: 8 bits
+    assert abs(cross - np.dot(update.ravel(), old_prev.ravel())) < 1e-4 * abs(cross)
+    assert abs(norm - np.dot(old_prev.ravel(), old_prev.ravel())) < 1e-4 * norm
+
+
+def test_bfloat16_roundtrip_keeps_range_and_three_digits():
+    values = np.array([1e-30, -3e-8, 1.0, 123.456, -6e5, 1e30], np.float32)
+    back = _backend.from_bfloat16(_backend.to_bfloat16(values).copy())
+    np.testing.assert_allclose(back, values, rtol=2**-7)
+
+
+def test_spectrum_multiplication_complex_and_real_otf():
+    be = get_backend(device="cpu")
+    rng = np.random.default_rng(4)
+    spectrum = (rng.random((40, 30, 16)) + 1j * rng.random((40, 30, 16))).astype(np.complex64)
+    otf = (rng.random((40, 30, 16)) + 1j * rng.random((40, 30, 16))).astype(np.complex64)
     np.testing.assert_allclose(
         be.multiply_spectrum(spectrum.copy(), otf, True), spectrum * otf.conj(), rtol=1e-6
     )
     np.testing.assert_allclose(be.multiply_spectrum(spectrum.copy(), otf, False), spectrum * otf, rtol=1e-6)
+    real = otf.real.copy()
+    np.testing.assert_allclose(be.multiply_spectrum(spectrum.copy(), real, True), spectrum * real, rtol=1e-6)
 
 
 @pytest.mark.gpu
@@ -83,20 +132,36 @@ def test_gpu_kernels_match_numpy(device):
     import cupy
 
     cpu, gpu = get_backend(device="cpu"), get_backend(device="gpu")
-    rng = np.random.default_rng(2)
-    image, blurred = rng.random(1000).astype(np.float32), rng.random(1000).astype(np.float32)
-    out = cupy.empty(1000, np.float32)
-    gpu.rl_ratio(cupy.asarray(image), cupy.asarray(blurred), np.float32(0.1), np.float32(0.05), out)
-    np.testing.assert_allclose(
-        out.get(),
-        cpu.rl_ratio(image, blurred, np.float32(0.1), np.float32(0.05), np.empty_like(image)),
-        rtol=1e-6,
+    rng, f32 = kernel_inputs((6, 70, 90), seed=2)
+    image, blurred = f32(), f32(0.5)
+    expected = cpu.rl_ratio(image, blurred.copy(), np.float32(0.1), np.float32(0.05))
+    got = gpu.rl_ratio(cupy.asarray(image), cupy.asarray(blurred), np.float32(0.1), np.float32(0.05))
+    np.testing.assert_allclose(got.get(), expected, rtol=1e-6)
+
+    estimate, correction, normalization = f32(0.5), f32(), f32()
+    expected = cpu.rl_update(estimate, correction, normalization, np.empty_like(estimate))
+    got = gpu.rl_update(
+        *(cupy.asarray(a) for a in (estimate, correction, normalization)),
+        cupy.empty(estimate.shape, np.float32),
     )
-    spectrum = (rng.random(64) + 1j * rng.random(64)).astype(np.complex64)
-    otf = (rng.random(64) + 1j * rng.random(64)).astype(np.complex64)
+    np.testing.assert_allclose(got.get(), expected, rtol=1e-6)
+
+    predicted, update_prev = f32(), _backend.to_bfloat16(f32(0.5)).copy()
+    predicted_cpu, prev_cpu = predicted.copy(), update_prev.copy()
+    dots_cpu = cpu.rl_accelerated_update(predicted_cpu, correction, normalization, prev_cpu, True)
+    predicted_gpu, prev_gpu = cupy.asarray(predicted), cupy.asarray(update_prev)
+    dots_gpu = gpu.rl_accelerated_update(
+        predicted_gpu, cupy.asarray(correction), cupy.asarray(normalization), prev_gpu, True
+    )
+    np.testing.assert_allclose(predicted_gpu.get(), predicted_cpu, rtol=1e-6)
+    np.testing.assert_array_equal(prev_gpu.get(), prev_cpu)
+    np.testing.assert_allclose(dots_gpu, dots_cpu, rtol=1e-4)
+
+    spectrum = (rng.random((8, 33)) + 1j * rng.random((8, 33))).astype(np.complex64)
+    otf = (rng.random((8, 33)) + 1j * rng.random((8, 33))).astype(np.complex64)
     got = gpu.multiply_spectrum(cupy.asarray(spectrum), cupy.asarray(otf), True).get()
     np.testing.assert_allclose(got, spectrum * otf.conj(), rtol=1e-6)
-    previous, current = rng.random(64).astype(np.float32), rng.random(64).astype(np.float32)
+    previous, current = f32(), f32()
     got = gpu.extrapolate(cupy.asarray(previous), cupy.asarray(current), 0.5).get()
     np.testing.assert_allclose(got, np.maximum(current + 0.5 * (current - previous), 0), rtol=1e-6)
 

@@ -127,7 +127,10 @@ class _RichardsonLucy:
         xp = be.xp
         self.op, self.be, self.xp = op, be, xp
         # A fresh float32 copy on the device, clipped at zero: the caller's array is never touched.
-        self.data = xp.maximum(be.asarray(image), np.float32(0))
+        self.data = be.asarray(image)
+        if self.data is image:
+            self.data = self.data.copy()
+        xp.maximum(self.data, 0, out=self.data)
         if isinstance(background, float):
             self.background = np.float32(background)
             level = background
@@ -141,17 +144,22 @@ class _RichardsonLucy:
         self.background = self.background * np.float32(1 / self.scale)
         # Denominators below this are noise: a floor stops 0/0 and blow-ups in empty regions.
         self.floor = np.float32(1e-6)
+        # H^T 1, the fraction of each voxel's light that the image sees; the update divides by
+        # it, so its masked reciprocal is kept (made in place: no grid-sized temporaries).
         visible = op.adjoint_of_ones()
-        if float(abs(visible - 1).max()) < 1e-5:
-            self.inv_visible = None  # periodic, or reflect with a symmetric PSF: H^T 1 == 1
+        if float(visible.max()) - 1 < 1e-5 and 1 - float(visible.min()) < 1e-5:
+            self.normalization = None  # periodic, or reflect with a symmetric PSF: H^T 1 == 1
             self.support = None
+            del visible
         else:
             self.support = visible > MIN_VISIBLE_FRACTION
-            self.inv_visible = xp.where(
-                self.support, 1 / xp.maximum(visible, MIN_VISIBLE_FRACTION), 0
-            ).astype(np.float32)
-        del visible
-        self.flux = float(xp.maximum(self.data - self.background, 0).mean())
+            xp.maximum(visible, MIN_VISIBLE_FRACTION, out=visible)
+            xp.reciprocal(visible, out=visible)
+            visible *= self.support
+            self.normalization = visible
+        signal = self.data - self.background
+        self.flux = float(xp.maximum(signal, 0, out=signal).mean())
+        del signal
 
     def initial_estimate(self):
         """The observed image less background, mixed with 5% of its mean so that no voxel starts
@@ -170,44 +178,42 @@ class _RichardsonLucy:
         return x
 
     def correction(self, estimate):
-        """``H^T (y / (H x + b)) / H^T 1``: the multiplicative RL update (scratch memory)."""
+        """``H^T (y / (H x + b))``, the RL correction before normalization (scratch memory)."""
         blurred = self.op.forward(estimate)
-        self.be.rl_ratio(self.data, blurred, self.background, self.floor, blurred)
-        update = self.op.adjoint()  # the ratio was written in place into the forward's output
-        if self.inv_visible is not None:
-            update *= self.inv_visible
-        return update
+        self.be.rl_ratio(self.data, blurred, self.background, self.floor)
+        return self.op.adjoint()  # the ratio was written in place into the forward's output
 
     def run(self, num_iter: int, *, accelerate: bool, progress: bool, callback):
         from tqdm.auto import tqdm
 
-        be, xp = self.be, self.xp
+        be = self.be
         current = self.initial_estimate()
+        self.support = None  # only the first estimate needed it
         if accelerate:
             previous = be.empty(current.shape)
-            update_prev = be.empty(current.shape)
+            # Only dot products are taken of the last update: bfloat16 keeps them to 2-3 digits,
+            # all the extrapolation weight needs, for half the memory.
+            update_prev = be.empty(current.shape, np.uint16)
         alpha = 0.0
         have_update = False
         with tqdm(total=num_iter, desc="Richardson-Lucy", disable=not progress, leave=False) as bar:
             for iteration in range(1, num_iter + 1):
                 if not accelerate:
-                    be.multiply_clip(current, self.correction(current), current)
+                    be.rl_update(current, self.correction(current), self.normalization, current)
                 else:
-                    # previous <- the extrapolated point x_k + alpha (x_k - x_{k-1})
+                    # previous <- the predicted point x_k + alpha (x_k - x_{k-1})
                     if iteration == 1:
-                        previous[...] = current
+                        be.copy(previous, current)
                     else:
                         be.extrapolate(previous, current, alpha)
-                    update = self.correction(previous)
-                    new = be.multiply_clip(previous, update, update)  # x_{k+1}, in scratch
-                    xp.subtract(new, previous, out=previous)  # previous <- this RL step's update
+                    # previous <- x_{k+1}; update_prev <- x_{k+1} - predicted (and its dots)
+                    cross, norm = be.rl_accelerated_update(
+                        previous, self.correction(previous), self.normalization, update_prev, have_update
+                    )
                     if have_update:
-                        alpha = _extrapolation_weight(xp, previous, update_prev)
+                        alpha = _extrapolation_weight(cross, norm)
                     have_update = True
-                    # Rotate buffers instead of copying: update_prev <- update, previous <- x_k.
-                    update_prev, previous = previous, update_prev
-                    previous, current = current, previous
-                    current[...] = new
+                    previous, current = current, previous  # x_k and x_{k+1}, without a copy
                 bar.update()
                 if callback is not None and callback(iteration, self.in_image_units(current)):
                     break
@@ -218,10 +224,8 @@ class _RichardsonLucy:
         return self.op.restrict(estimate) * np.float32(self.scale)
 
 
-def _extrapolation_weight(xp, update, update_prev) -> float:
+def _extrapolation_weight(cross: float, norm: float) -> float:
     """Biggs–Andrews alpha = <g_k, g_{k-1}> / <g_{k-1}, g_{k-1}>, kept in [0, 1] for stability."""
-    denominator = float(xp.vdot(update_prev.ravel(), update_prev.ravel()))
-    if denominator <= 0:
+    if not (norm > 0 and np.isfinite(norm) and np.isfinite(cross)):
         return 0.0
-    alpha = float(xp.vdot(update.ravel(), update_prev.ravel())) / denominator
-    return min(max(alpha, 0.0), 1.0)
+    return min(max(cross / norm, 0.0), 1.0)

@@ -132,7 +132,7 @@ def wiener(
         grid = op.extend_image(data)
         spectrum = op.plan.forward(grid)
         true_otf = op.otf / np.float32(op.fft_scale)
-        power = true_otf.real**2 + true_otf.imag**2
+        power = true_otf.real**2 + true_otf.imag**2 if true_otf.dtype.kind == "c" else true_otf**2
         if balance == "auto":
             balance = discrepancy_balance(spectrum, power, op.fft_shape, data, xp)
         denominator = power + np.float32(max(balance, 1e-12))

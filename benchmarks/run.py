@@ -1,0 +1,274 @@
+"""microdecon against scikit-image on one 3-D problem: speed, peak memory and quality.
+
+    python benchmarks/run.py [--quick] [--output DIR]
+
+The problem: a cell-like phantom (64 x 256 x 256; 32 x 128 x 128 with --quick) blurred by a
+widefield PSF (1.2 NA water, 520 nm, voxel 0.2 x 0.1 x 0.1 um, 31 x 31 x 31), Poisson noise at
+about 200 photons peak over a background of 10. Every case runs in a fresh process, so its peak
+memory (the high-water mark of resident memory during the call, less what was resident before;
+the input is already there and is not counted; FFT plans made during the call are) is its own. Time per iteration is wall time over
+the iterations; the FFT floor is the time of the four real FFTs one RL iteration needs at the
+padded size, measured in the same run. Results go to DIR/results.md and DIR/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+import microdecon as md  # noqa: E402
+from microdecon import _backend  # noqa: E402
+from microdecon.metrics import psnr  # noqa: E402
+
+BACKGROUND = 10.0
+PSF_SHAPE = (31, 31, 31)
+SPACING = (0.2, 0.1, 0.1)
+
+
+# ----------------------------------------------------------------------------------------------
+# the problem
+# ----------------------------------------------------------------------------------------------
+def make_problem(shape: tuple[int, ...], folder: Path) -> Path:
+    rng = np.random.default_rng(0)
+    truth = md.data.phantom(shape, seed=11)
+    psf = md.psf.widefield(PSF_SHAPE, SPACING, wavelength=0.52, na=1.2, n_immersion=1.33)
+    blurred = np.maximum(md.convolve(truth, psf, device="cpu"), 0)
+    scale = 200.0 / float(blurred.max())
+    image = rng.poisson(blurred * scale + BACKGROUND).astype(np.float32)
+    path = folder / "problem.npz"
+    np.savez(path, image=image, psf=psf, truth=(truth * scale).astype(np.float32))
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# one case, in its own process
+# ----------------------------------------------------------------------------------------------
+def _status(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")  # resets VmHWM to the current resident size (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def _measure(fn):
+    """Run fn(); return (result, seconds, extra peak resident bytes)."""
+    import gc
+
+    gc.collect()
+    _reset_peak()
+    before = _status("VmRSS")
+    start = time.perf_counter()
+    result = fn()
+    seconds = time.perf_counter() - start
+    return result, seconds, _status("VmHWM") - before
+
+
+def run_case(case: str, problem: Path, num_iter: int, checkpoints: list[int]) -> dict:
+    data = np.load(problem)
+    image, psf, truth = data["image"], data["psf"], data["truth"]
+    out: dict = {"case": case, "num_iter": num_iter, "input_bytes": image.size * 4}
+
+    if case.startswith("skimage"):
+        from skimage.restoration import richardson_lucy
+
+        signal = np.maximum(image - BACKGROUND, 0).astype(np.float32)  # skimage has no background
+        restored, seconds, peak = _measure(lambda: richardson_lucy(signal, psf, num_iter, clip=False))
+        out.update(seconds=seconds, peak_bytes=peak, psnr={num_iter: psnr(truth, restored)})
+        for n in checkpoints:
+            if n < num_iter:
+                out["psnr"][n] = psnr(truth, richardson_lucy(signal, psf, n, clip=False))
+        return out
+
+    library = "fftw" if "fftw" in case else "pocketfft"
+    _backend.set_cpu_fft(library)
+    backend = _backend.get_backend(device="cpu")
+    accelerate = "accel" in case
+    boundary = "reflect" if "reflect" in case else "non-circulant"
+
+    def deconvolve(callback=None, n=num_iter):
+        return md.richardson_lucy(image, psf, n, accelerate=accelerate, background=BACKGROUND,
+                                  boundary=boundary, device="cpu", callback=callback)
+
+    # Memory from the first call, which also makes (and keeps) the FFT plans and their buffers;
+    # time from the second, as in a batch job where plans are made once.
+    _, cold_seconds, peak = _measure(deconvolve)
+    _, seconds, _ = _measure(deconvolve)
+    out.update(seconds=seconds, peak_bytes=peak, cold_seconds=cold_seconds)
+    # Quality per iteration, in a second run whose clock leaves out the PSNR computation.
+    curve, clock = {}, {}
+    spent = [0.0]
+    start = time.perf_counter()
+
+    def callback(iteration, estimate):
+        tick = time.perf_counter()
+        curve[iteration] = psnr(truth, estimate)
+        clock[iteration] = tick - start - spent[0]
+        spent[0] += time.perf_counter() - tick
+
+    deconvolve(callback)
+    out.update(psnr=curve, clock=clock)
+
+    if case.endswith("plain-fftw") or case.endswith("plain-pocketfft"):
+        # the floor: the four real FFTs one iteration needs, at the same padded size
+        from microdecon.operators import Convolution
+
+        op = Convolution(psf, image.shape, boundary=boundary, backend=backend)
+        x = np.ones(op.fft_shape, np.float32)
+        repeats = 5
+        start = time.perf_counter()
+        for _ in range(repeats):
+            for _ in range(2):
+                op.plan.inverse(op.plan.forward(x).copy())
+        out["fft_floor_seconds"] = (time.perf_counter() - start) / repeats
+        out["fft_shape"] = list(op.fft_shape)
+    return out
+
+
+def run_in_subprocess(case: str, problem: Path, num_iter: int, checkpoints: list[int]) -> dict:
+    command = [sys.executable, __file__, "--case", case, "--problem", str(problem),
+               "--num-iter", str(num_iter), "--checkpoints", ",".join(map(str, checkpoints))]
+    env = dict(os.environ)
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"case {case} failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------------------------
+# the report
+# ----------------------------------------------------------------------------------------------
+def _first_reaching(curve: dict, level: float) -> int | None:
+    for iteration in sorted(curve, key=int):
+        if curve[iteration] >= level - 1e-9:
+            return int(iteration)
+    return None
+
+
+def summarize(results: dict, shape, num_iter: int, checkpoints: list[int]) -> str:
+    cases = results["cases"]
+    sk = cases["skimage"]
+    sk_per_iter = sk["seconds"] / num_iter
+    lines = [
+        f"Problem: {shape[0]}x{shape[1]}x{shape[2]} float32, PSF {PSF_SHAPE[0]}^3 widefield, Poisson noise; "
+        f"{num_iter} iterations; machine: {results['machine']}.",
+        "",
+        "| method | s / iteration | vs skimage | vs FFT floor | peak memory (x input) | "
+        + " | ".join(f"PSNR @{n}" for n in checkpoints) + " |",
+        "|---|---|---|---|---|" + "---|" * len(checkpoints),
+    ]
+    floor = {lib: cases.get(f"rl-plain-{lib}", {}).get("fft_floor_seconds") for lib in ("fftw", "pocketfft")}
+    for name, case in cases.items():
+        per_iter = case["seconds"] / num_iter
+        library = "fftw" if "fftw" in name else "pocketfft"
+        vs_floor = f"{per_iter / floor[library]:.2f}x" if floor.get(library) and name != "skimage" else "-"
+        memory = case["peak_bytes"] / case["input_bytes"]
+        quality = " | ".join(
+            f"{case['psnr'][str(n)] if str(n) in case['psnr'] else case['psnr'].get(n, float('nan')):.2f}"
+            for n in checkpoints
+        )
+        lines.append(f"| {name} | {per_iter:.3f} | {sk_per_iter / per_iter:.1f}x faster | {vs_floor} | "
+                     f"{memory:.1f} | {quality} |")
+    lines.append("")
+    for lib in ("fftw", "pocketfft"):
+        plain, accel = cases.get(f"rl-plain-{lib}"), cases.get(f"rl-accel-{lib}")
+        if not plain or not accel:
+            continue
+        best_iteration = max(plain["psnr"], key=lambda k: plain["psnr"][k])
+        best = plain["psnr"][best_iteration]
+        reach = _first_reaching(accel["psnr"], best)
+        if reach is None:
+            lines.append(f"{lib}: accelerated RL did not reach plain RL's best PSNR ({best:.2f} dB).")
+            continue
+        plain_time = plain["clock"][best_iteration]
+        accel_time = accel["clock"][str(reach)] if str(reach) in accel["clock"] else accel["clock"][reach]
+        lines.append(
+            f"{lib}: plain RL's best PSNR in {num_iter} iterations is {best:.2f} dB at iteration "
+            f"{best_iteration} ({plain_time:.2f} s); accelerated RL reaches it at iteration {reach} "
+            f"({accel_time:.2f} s): {plain_time / accel_time:.1f}x sooner. Best accelerated PSNR: "
+            f"{max(accel['psnr'].values()):.2f} dB.")
+    if floor.get("fftw"):
+        lines.append(f"FFT floor (4 real FFTs at {cases['rl-plain-fftw']['fft_shape']}): "
+                     f"FFTW {floor['fftw']:.3f} s, scipy.fft {floor['pocketfft']:.3f} s.")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu}, {_backend.cpu_count()} cores, Python {platform.python_version()}, NumPy {np.__version__}"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="32x128x128, 20 iterations (under 2 minutes)")
+    parser.add_argument("--output", default=str(HERE / "results"), help="folder for results.md/json")
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--problem", help=argparse.SUPPRESS)
+    parser.add_argument("--num-iter", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoints", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.case:  # child process
+        checkpoints = [int(c) for c in args.checkpoints.split(",") if c]
+        print(json.dumps(run_case(args.case, Path(args.problem), args.num_iter, checkpoints), default=float))
+        return 0
+
+    shape = (32, 128, 128) if args.quick else (64, 256, 256)
+    num_iter = 20 if args.quick else 50
+    checkpoints = [5, 10, 20] if args.quick else [10, 20, 30, 50]
+    cases = ["skimage", "rl-plain-pocketfft", "rl-accel-pocketfft"]
+    if _backend._pyfftw() is not None:
+        cases += ["rl-plain-fftw", "rl-accel-fftw", "rl-accel-reflect-fftw"]
+    results = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "shape": shape,
+               "num_iter": num_iter, "versions": {"microdecon": md.__version__}, "cases": {}}
+    try:
+        import skimage
+
+        results["versions"]["scikit-image"] = skimage.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    with tempfile.TemporaryDirectory() as folder:
+        problem = make_problem(shape, Path(folder))
+        for case in cases:
+            print(f"running {case} ...", file=sys.stderr, flush=True)
+            results["cases"][case] = json.loads(json.dumps(run_in_subprocess(case, problem, num_iter, checkpoints)))
+    table = summarize(results, shape, num_iter, checkpoints)
+    print(table)
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "results.md").write_text(table + "\n")
+    (output / "results.json").write_text(json.dumps(results, indent=1, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
