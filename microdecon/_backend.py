@@ -204,14 +204,19 @@ def _numpy_kernels(workers: int):
         slabs.map(slab, image)
         return blurred
 
-    def rl_update(estimate, correction, normalization, out):
-        """out <- max(estimate * correction * normalization, 0); ``normalization`` may be None."""
+    def rl_update(estimate, correction, normalization, out, also=None):
+        """out <- max(estimate * correction * normalization, 0); ``normalization`` may be None.
+
+        ``also``, when given, receives the same values (the next FFT's input: saves a copy).
+        """
 
         def slab(s):
             value = correction[s] * estimate[s]
             if normalization is not None:
                 value *= normalization[s]
             np.maximum(value, 0, out=out[s])
+            if also is not None:
+                also[s] = out[s]
 
         slabs.map(slab, estimate)
         return out
@@ -243,8 +248,8 @@ def _numpy_kernels(workers: int):
         parts = slabs.map(slab, predicted)
         return sum(p[0] for p in parts), sum(p[1] for p in parts)
 
-    def extrapolate(previous, current, alpha):
-        """previous <- max(current + alpha * (current - previous), 0), in place."""
+    def extrapolate(previous, current, alpha, also=None):
+        """previous <- max(current + alpha * (current - previous), 0), in place (and into ``also``)."""
         alpha = np.float32(alpha)
 
         def slab(s):
@@ -252,6 +257,8 @@ def _numpy_kernels(workers: int):
             value *= alpha
             value += current[s]
             np.maximum(value, 0, out=previous[s])
+            if also is not None:
+                also[s] = previous[s]
 
         slabs.map(slab, current)
         return previous
@@ -266,9 +273,11 @@ def _numpy_kernels(workers: int):
         slabs.map(slab, spectrum)
         return spectrum
 
-    def copy(destination, source):
+    def copy(destination, source, also=None):
         def slab(s):
             destination[s] = source[s]
+            if also is not None:
+                also[s] = source[s]
 
         slabs.map(slab, source)
         return destination
@@ -348,10 +357,14 @@ def _cupy_kernels(cupy: Any):
     def rl_ratio(image, blurred, background, floor):
         return ratio(image, background, floor, blurred)
 
-    def rl_update(estimate, correction, normalization, out):
+    def rl_update(estimate, correction, normalization, out, also=None):
         if normalization is None:
-            return update(estimate, correction, out)
-        return update_normalized(estimate, correction, normalization, out)
+            update(estimate, correction, out)
+        else:
+            update_normalized(estimate, correction, normalization, out)
+        if also is not None:
+            also[...] = out
+        return out
 
     def rl_accelerated_update(predicted, correction, normalization, update_prev, have_prev):
         accelerated(normalization if normalization is not None else cupy.float32(1), predicted, correction)
@@ -362,8 +375,11 @@ def _cupy_kernels(cupy: Any):
         store(correction, update_prev)
         return cross, norm
 
-    def extrapolate(previous, current, alpha):
-        return extrap(current, cupy.float32(alpha), previous)
+    def extrapolate(previous, current, alpha, also=None):
+        extrap(current, cupy.float32(alpha), previous)
+        if also is not None:
+            also[...] = previous
+        return previous
 
     def multiply_spectrum(spectrum, otf, conjugate):
         if conjugate and otf.dtype.kind == "c":
@@ -371,8 +387,10 @@ def _cupy_kernels(cupy: Any):
         spectrum *= otf
         return spectrum
 
-    def copy(destination, source):
+    def copy(destination, source, also=None):
         destination[...] = source
+        if also is not None:
+            also[...] = source
         return destination
 
     return {

@@ -272,14 +272,27 @@ class Convolution:
         return grid[self.image_slices]
 
     # ---- the operator -----------------------------------------------------------------------
-    def forward(self, x):
+    def staging_buffer(self):
+        """The FFT's own input buffer, when writing ``x`` there first saves :meth:`forward` a copy.
+
+        None when there is nothing to save (the FFT reads ``x`` where it is, or the boundary
+        extends ``x`` on its way in).
+        """
+        if self.plan.reuses_buffers and self.boundary != "reflect":
+            return self.plan.real
+        return None
+
+    def forward(self, x, *, staged: bool = False):
         """Blur an object-shaped array; returns the image-shaped result.
 
-        The result may be a view of scratch memory that the next call overwrites: use or copy
-        it before calling the operator again.
+        ``staged=True`` says ``x`` has already been written to :meth:`staging_buffer`. The result
+        may be a view of scratch memory that the next call overwrites: use or copy it before
+        calling the operator again.
         """
         be = self.backend
-        if self.boundary == "reflect":
+        if staged:
+            source = self.plan.real
+        elif self.boundary == "reflect":
             source = self._mirror_extend(x, self._grid_buffer())
         elif self.boundary == "non-circulant" and tuple(x.shape) != self.fft_shape:
             raise ValueError(f"x must have the object shape {self.fft_shape}, got {tuple(x.shape)}")

@@ -177,9 +177,9 @@ class _RichardsonLucy:
         inside += np.float32(INITIAL_FLAT_FRACTION * self.flux)
         return x
 
-    def correction(self, estimate):
+    def correction(self, estimate, staged: bool = False):
         """``H^T (y / (H x + b))``, the RL correction before normalization (scratch memory)."""
-        blurred = self.op.forward(estimate)
+        blurred = self.op.forward(estimate, staged=staged)
         self.be.rl_ratio(self.data, blurred, self.background, self.floor)
         return self.op.adjoint()  # the ratio was written in place into the forward's output
 
@@ -196,19 +196,31 @@ class _RichardsonLucy:
             update_prev = be.empty(current.shape, np.uint16)
         alpha = 0.0
         have_update = False
+        # Each step also writes its result into the FFT's input buffer when there is one, which
+        # spares the next transform a copy of the estimate.
+        stage = self.op.staging_buffer()
+        staged = stage is not None
+        if staged and not accelerate:
+            be.copy(stage, current)
         with tqdm(total=num_iter, desc="Richardson-Lucy", disable=not progress, leave=False) as bar:
             for iteration in range(1, num_iter + 1):
                 if not accelerate:
-                    be.rl_update(current, self.correction(current), self.normalization, current)
+                    correction = self.correction(current, staged)
+                    last = iteration == num_iter
+                    be.rl_update(current, correction, self.normalization, current, None if last else stage)
                 else:
                     # previous <- the predicted point x_k + alpha (x_k - x_{k-1})
                     if iteration == 1:
-                        be.copy(previous, current)
+                        be.copy(previous, current, stage)
                     else:
-                        be.extrapolate(previous, current, alpha)
+                        be.extrapolate(previous, current, alpha, stage)
                     # previous <- x_{k+1}; update_prev <- x_{k+1} - predicted (and its dots)
                     cross, norm = be.rl_accelerated_update(
-                        previous, self.correction(previous), self.normalization, update_prev, have_update
+                        previous,
+                        self.correction(previous, staged),
+                        self.normalization,
+                        update_prev,
+                        have_update,
                     )
                     if have_update:
                         alpha = _extrapolation_weight(cross, norm)
