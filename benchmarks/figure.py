@@ -1,6 +1,6 @@
 """Draw the README's before/after picture from the bundled sample (needs matplotlib).
 
-    python benchmarks/figure.py [OUTPUT.png]
+python benchmarks/figure.py [OUTPUT.png]
 """
 
 import sys
@@ -19,7 +19,11 @@ def main(path: str) -> None:
     sample = md.data.sample()
     observed = sample.image.astype(np.float32) - sample.background
     restored = md.richardson_lucy(sample.image, sample.psf, 30, background=sample.background, device="cpu")
-    panels = [("observed", observed), ("microdecon RL, 30 iterations", restored), ("ground truth", sample.truth)]
+    panels = [
+        ("observed", observed),
+        ("microdecon RL, 30 iterations", restored),
+        ("ground truth", sample.truth),
+    ]
     figure, axes = plt.subplots(2, 3, figsize=(10.5, 5.6), gridspec_kw={"height_ratios": [128, 80]})
     for column, (title, volume) in enumerate(panels):
         top = volume.max(axis=0)
@@ -29,8 +33,9 @@ def main(path: str) -> None:
             ax.imshow(image, cmap="magma", vmin=0, vmax=np.percentile(image, 99.8))
             ax.set_xticks([])
             ax.set_yticks([])
-        axes[0, column].set_title(f"{title}\nPSNR {md.metrics.psnr(sample.truth, volume):.1f} dB"
-                                  if column < 2 else title)
+        axes[0, column].set_title(
+            f"{title}\nPSNR {md.metrics.psnr(sample.truth, volume):.1f} dB" if column < 2 else title
+        )
     axes[0, 0].set_ylabel("max projection, z")
     axes[1, 0].set_ylabel("max projection, y")
     figure.tight_layout()
@@ -38,5 +43,8 @@ def main(path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else str(Path(__file__).resolve().parent.parent / "docs" /
-                                                   "sample_before_after.png"))
+    main(
+        sys.argv[1]
+        if len(sys.argv) > 1
+        else str(Path(__file__).resolve().parent.parent / "docs" / "sample_before_after.png")
+    )

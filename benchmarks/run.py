@@ -5,10 +5,10 @@
 The problem: a cell-like phantom (64 x 256 x 256; 32 x 128 x 128 with --quick) blurred by a
 widefield PSF (1.2 NA water, 520 nm, voxel 0.2 x 0.1 x 0.1 um, 31 x 31 x 31), Poisson noise at
 about 200 photons peak over a background of 10. Every case runs in a fresh process, so its peak
-memory (the high-water mark of resident memory during the call, less what was resident before;
-the input is already there and is not counted; FFT plans made during the call are) is its own. Time per iteration is wall time over
-the iterations; the FFT floor is the time of the four real FFTs one RL iteration needs at the
-padded size, measured in the same run. Results go to DIR/results.md and DIR/results.json.
+memory is its own: the high-water mark of resident memory during the first call, less what was
+resident before (the input is already there and is not counted; FFT plans made during the call
+are). Time per iteration is the wall time of a second call over its iterations; the FFT floor
+is the time of the four real FFTs one RL iteration needs at the padded size, in the same run. Results go to DIR/results.md and DIR/results.json.
 """
 
 from __future__ import annotations
@@ -108,8 +108,16 @@ def run_case(case: str, problem: Path, num_iter: int, checkpoints: list[int]) ->
     boundary = "reflect" if "reflect" in case else "non-circulant"
 
     def deconvolve(callback=None, n=num_iter):
-        return md.richardson_lucy(image, psf, n, accelerate=accelerate, background=BACKGROUND,
-                                  boundary=boundary, device="cpu", callback=callback)
+        return md.richardson_lucy(
+            image,
+            psf,
+            n,
+            accelerate=accelerate,
+            background=BACKGROUND,
+            boundary=boundary,
+            device="cpu",
+            callback=callback,
+        )
 
     # Memory from the first call, which also makes (and keeps) the FFT plans and their buffers;
     # time from the second, as in a batch job where plans are made once.
@@ -149,8 +157,18 @@ def run_case(case: str, problem: Path, num_iter: int, checkpoints: list[int]) ->
 
 
 def run_in_subprocess(case: str, problem: Path, num_iter: int, checkpoints: list[int]) -> dict:
-    command = [sys.executable, __file__, "--case", case, "--problem", str(problem),
-               "--num-iter", str(num_iter), "--checkpoints", ",".join(map(str, checkpoints))]
+    command = [
+        sys.executable,
+        __file__,
+        "--case",
+        case,
+        "--problem",
+        str(problem),
+        "--num-iter",
+        str(num_iter),
+        "--checkpoints",
+        ",".join(map(str, checkpoints)),
+    ]
     env = dict(os.environ)
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
@@ -177,7 +195,8 @@ def summarize(results: dict, shape, num_iter: int, checkpoints: list[int]) -> st
         f"{num_iter} iterations; machine: {results['machine']}.",
         "",
         "| method | s / iteration | speed-up vs skimage | time / FFT floor | peak memory (x input) | "
-        + " | ".join(f"PSNR @{n}" for n in checkpoints) + " |",
+        + " | ".join(f"PSNR @{n}" for n in checkpoints)
+        + " |",
         "|---|---|---|---|---|" + "---|" * len(checkpoints),
     ]
     floor = {lib: cases.get(f"rl-plain-{lib}", {}).get("fft_floor_seconds") for lib in ("fftw", "pocketfft")}
@@ -190,8 +209,10 @@ def summarize(results: dict, shape, num_iter: int, checkpoints: list[int]) -> st
             f"{case['psnr'][str(n)] if str(n) in case['psnr'] else case['psnr'].get(n, float('nan')):.2f}"
             for n in checkpoints
         )
-        lines.append(f"| {name} | {per_iter:.3f} | {sk_per_iter / per_iter:.1f}x | {vs_floor} | "
-                     f"{memory:.1f} | {quality} |")
+        lines.append(
+            f"| {name} | {per_iter:.3f} | {sk_per_iter / per_iter:.1f}x | {vs_floor} | "
+            f"{memory:.1f} | {quality} |"
+        )
     lines.append("")
     for lib in ("fftw", "pocketfft"):
         plain, accel = cases.get(f"rl-plain-{lib}"), cases.get(f"rl-accel-{lib}")
@@ -209,10 +230,13 @@ def summarize(results: dict, shape, num_iter: int, checkpoints: list[int]) -> st
             f"{lib}: plain RL's best PSNR in {num_iter} iterations is {best:.2f} dB at iteration "
             f"{best_iteration} ({plain_time:.2f} s); accelerated RL reaches it at iteration {reach} "
             f"({accel_time:.2f} s): {plain_time / accel_time:.1f}x sooner. Best accelerated PSNR: "
-            f"{max(accel['psnr'].values()):.2f} dB.")
+            f"{max(accel['psnr'].values()):.2f} dB."
+        )
     if floor.get("fftw"):
-        lines.append(f"FFT floor (4 real FFTs at {cases['rl-plain-fftw']['fft_shape']}): "
-                     f"FFTW {floor['fftw']:.3f} s, scipy.fft {floor['pocketfft']:.3f} s.")
+        lines.append(
+            f"FFT floor (4 real FFTs at {cases['rl-plain-fftw']['fft_shape']}): "
+            f"FFTW {floor['fftw']:.3f} s, scipy.fft {floor['pocketfft']:.3f} s."
+        )
     return "\n".join(lines)
 
 
@@ -250,8 +274,14 @@ def main(argv=None) -> int:
     cases = ["skimage", "rl-plain-pocketfft", "rl-accel-pocketfft"]
     if _backend._pyfftw() is not None:
         cases += ["rl-plain-fftw", "rl-accel-fftw", "rl-accel-reflect-fftw"]
-    results = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "shape": shape,
-               "num_iter": num_iter, "versions": {"microdecon": md.__version__}, "cases": {}}
+    results = {
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d"),
+        "shape": shape,
+        "num_iter": num_iter,
+        "versions": {"microdecon": md.__version__},
+        "cases": {},
+    }
     try:
         import skimage
 
@@ -262,7 +292,8 @@ def main(argv=None) -> int:
         problem = make_problem(shape, Path(folder))
         for case in cases:
             print(f"running {case} ...", file=sys.stderr, flush=True)
-            results["cases"][case] = json.loads(json.dumps(run_in_subprocess(case, problem, num_iter, checkpoints)))
+            result = run_in_subprocess(case, problem, num_iter, checkpoints)
+            results["cases"][case] = json.loads(json.dumps(result))  # keys as JSON has them
     table = summarize(results, shape, num_iter, checkpoints)
     print(table)
     output = Path(args.output)
