@@ -8,7 +8,8 @@ about 200 photons peak over a background of 10. Every case runs in a fresh proce
 memory is its own: the high-water mark of resident memory during the first call, less what was
 resident before (the input is already there and is not counted; FFT plans made during the call
 are). Time per iteration is the wall time of a second call over its iterations; the FFT floor
-is the time of the four real FFTs one RL iteration needs at the padded size, in the same run. Results go to DIR/results.md and DIR/results.json.
+is the time of the four real FFTs one RL iteration needs at the padded size, in the same run.
+Results go to DIR/results.md and DIR/results.json.
 """
 
 from __future__ import annotations
