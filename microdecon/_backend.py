@@ -11,16 +11,12 @@ import functools
 import importlib
 import os
 import sys
-from collections import OrderedDict
+import threading
 from typing import Any
 
 import numpy as np
 
 __all__ = ["Backend", "get_backend", "gpu_available", "is_device_array"]
-
-#: FFT plans kept per backend (least recently used dropped first): each FFTW plan holds two
-#: grid-sized buffers, so a batch of many shapes must not keep them all.
-MAX_CACHED_PLANS = 4
 
 
 # --------------------------------------------------------------------------------------------
@@ -61,6 +57,11 @@ def gpu_available() -> bool:
 def is_device_array(array: Any) -> bool:
     """True for a CuPy array, without importing CuPy when it is not already loaded."""
     return type(array).__module__.split(".")[0] == "cupy"
+
+
+def array_module(array: Any):
+    """``cupy`` for a CuPy array, else ``numpy``."""
+    return importlib.import_module("cupy") if is_device_array(array) else np
 
 
 def cpu_count() -> int:
@@ -150,6 +151,7 @@ class _Slabs:
     def __init__(self, workers: int):
         self.workers = workers
         self._pool = None
+        self._lock = threading.Lock()
 
     def map(self, fn, array) -> list:
         rows = array.shape[0] if array.ndim else 1
@@ -158,10 +160,11 @@ class _Slabs:
         slabs = [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
         if self.workers == 1 or len(slabs) == 1:
             return [fn(s) for s in slabs]
-        if self._pool is None:
-            from concurrent.futures import ThreadPoolExecutor
+        with self._lock:
+            if self._pool is None:
+                from concurrent.futures import ThreadPoolExecutor
 
-            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="microdecon")
+                self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="microdecon")
         return list(self._pool.map(fn, slabs))
 
 
@@ -429,7 +432,6 @@ class Backend:
     def __init__(self, name: str, device_id: int | None = None, fft_library: str | None = None):
         self.name = name
         self.device_id = device_id
-        self._plans: OrderedDict[tuple[int, ...], Any] = OrderedDict()
         if name == "gpu":
             cupy = _cupy()
             self.xp = cupy
@@ -468,6 +470,20 @@ class Backend:
             array = array.get()
         return np.asarray(array, dtype=dtype)
 
+    def working_copy(self, array: Any, dtype: Any = np.float32):
+        """A ``dtype`` copy on this device that shares no memory with ``array`` (one copy at most).
+
+        Needed wherever an algorithm writes into its data: ``asarray`` alone may hand back the
+        caller's memory (a float32 array, a view, or an ``np.memmap`` of a file).
+        """
+        out = self.asarray(array, dtype=dtype)
+        if out is array:
+            return out.copy()
+        same_place = is_device_array(array) == (self.name == "gpu")
+        if same_place and hasattr(array, "shape") and array_module(array).may_share_memory(out, array):
+            return out.copy()
+        return out
+
     def to_host(self, array: Any) -> np.ndarray:
         """The array as NumPy (one device-to-host copy on the GPU)."""
         return array.get() if is_device_array(array) else np.asarray(array)
@@ -499,34 +515,26 @@ class Backend:
 
     # ---- FFT ------------------------------------------------------------------------------
     def fft_plan(self, shape: tuple[int, ...]):
-        """Real FFT plan for ``shape``, made once per backend and shape and then reused.
+        """A real FFT plan for ``shape``, with buffers of its own.
 
         ``plan.forward(x)`` gives the half spectrum (``rfftn``), ``plan.inverse(spectrum)`` the
-        real array; both are unnormalized, so an inverse after a forward multiplies by ``prod(shape)``.
+        real array; both are unnormalized, so an inverse after a forward multiplies by
+        ``prod(shape)``. Each caller gets its own plan, so threads never share buffers and the
+        memory goes when the caller lets go. Making one is cheap after the first of a shape:
+        FFTW keeps what it measured (its wisdom) for the process, and cuFFT and scipy cache theirs.
         """
         shape = tuple(int(n) for n in shape)
-        plan = self._plans.get(shape)
-        if plan is not None:
-            self._plans.move_to_end(shape)
-        else:
-            if self.fft_library == "fftw":
-                plan = _FFTWPlan(_pyfftw(), shape, threads=cpu_count())
-            elif self.name == "gpu":
-                plan = _ScipyStylePlan(self._fft_module, shape, workers=None)
-            else:
-                plan = _ScipyStylePlan(self._fft_module, shape, workers=cpu_count())
-            self._plans[shape] = plan
-            while len(self._plans) > MAX_CACHED_PLANS:
-                self._plans.popitem(last=False)
-        return plan
+        if self.fft_library == "fftw":
+            return _FFTWPlan(_pyfftw(), shape, threads=cpu_count())
+        if self.name == "gpu":
+            return _ScipyStylePlan(self._fft_module, shape, workers=None)
+        return _ScipyStylePlan(self._fft_module, shape, workers=cpu_count())
 
     def next_fast_len(self, n: int) -> int:
-        """Smallest length >= n that the FFT library transforms fast (real transforms)."""
-        if self.name == "gpu":
-            # cuFFT is fast for 2^a 3^b 5^c 7^d; scipy's search over 2,3,5 is a subset of those.
-            import scipy.fft
+        """Smallest length >= n that the FFT library transforms fast.
 
-            return int(scipy.fft.next_fast_len(int(n), real=False))
+        Real-input lengths of 2^a 3^b 5^c: fast in pocketfft, FFTW and cuFFT alike.
+        """
         import scipy.fft
 
         return int(scipy.fft.next_fast_len(int(n), real=True))

@@ -13,27 +13,27 @@ from typing import Any
 
 import numpy as np
 
-from ._backend import is_device_array
+from ._backend import array_module, is_device_array
 
 BOUNDARIES = ("non-circulant", "periodic", "reflect")
 
 
 def _dtype_of(array: Any, name: str) -> np.dtype:
     dtype = getattr(array, "dtype", None)
-    if dtype is None:
-        try:
-            dtype = np.asarray(array).dtype
-        except Exception as error:  # ragged lists and the like
-            raise TypeError(
-                f"{name} must be an array of numbers; could not read it as one ({error})"
-            ) from None
-    return np.dtype(dtype)
+    try:
+        return np.dtype(dtype) if dtype is not None else np.asarray(array).dtype
+    except Exception as error:  # ragged lists, tensors of other libraries and the like
+        raise TypeError(f"{name} must be an array of numbers; could not read it as one ({error})") from None
+
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def check_array(array: Any, name: str) -> Any:
     """Check that ``array`` is a non-empty, finite, real numeric array; return it as an array.
 
     NumPy and CuPy arrays are returned as they are (no copy); other array-likes via ``np.asarray``.
+    Values must fit in float32, the dtype everything is computed in.
 
     Examples
     --------
@@ -46,6 +46,11 @@ def check_array(array: Any, name: str) -> Any:
     """
     if array is None:
         raise TypeError(f"{name} must be an array of numbers, got None")
+    if type(array).__module__.split(".")[0] == "dask":
+        raise TypeError(
+            f"{name} is a Dask array; tiled, lazy processing is not available yet: "
+            f"pass {name}.compute() (a NumPy or CuPy array)"
+        )
     dtype = _dtype_of(array, name)
     if dtype.kind == "b":
         raise TypeError(
@@ -62,23 +67,18 @@ def check_array(array: Any, name: str) -> Any:
     if array.size == 0:
         raise ValueError(f"{name} is empty (shape {tuple(array.shape)})")
     if dtype.kind == "f":
-        xp = _array_module(array)
-        finite = xp.isfinite(array)
-        bad = int(array.size - int(finite.sum()))
-        if bad:
-            raise ValueError(
-                f"{name} contains NaN or infinite values ({bad} of {array.size}); "
-                "replace or mask them before deconvolving"
-            )
+        xp = array_module(array)
+        # One cheap reduction first; the count of bad values (a full-size mask) only on failure.
+        if not bool(xp.isfinite(array.sum(dtype=np.float64))):
+            bad = int(array.size - int(xp.isfinite(array).sum()))
+            if bad:
+                raise ValueError(
+                    f"{name} contains NaN or infinite values ({bad} of {array.size}); "
+                    "replace or mask them before deconvolving"
+                )
+        if dtype.itemsize > 4 and float(xp.abs(array).max()) > _FLOAT32_MAX:
+            raise ValueError(f"{name} has values beyond the float32 range (about 3.4e38); rescale it")
     return array
-
-
-def _array_module(array: Any):
-    if is_device_array(array):
-        import importlib
-
-        return importlib.import_module("cupy")
-    return np
 
 
 def check_psf(psf: Any, ndim: int, name: str = "psf") -> Any:
@@ -138,19 +138,31 @@ def check_float(value: Any, name: str, *, minimum: float | None = 0.0, strict: b
 
 
 def check_background(background: Any, shape: tuple[int, ...]) -> Any:
-    """A non-negative scalar, or a non-negative array broadcastable to the image shape."""
+    """A non-negative scalar, or a non-negative array that broadcasts to the image shape."""
+    if getattr(background, "ndim", None) == 0:
+        background = float(background)
     if isinstance(background, numbers.Real) and not isinstance(background, bool):
         return check_float(background, "background")
     background = check_array(background, "background")
     try:
-        np.broadcast_shapes(tuple(background.shape), tuple(shape))
+        fits = np.broadcast_shapes(tuple(background.shape), tuple(shape)) == tuple(shape)
     except ValueError:
+        fits = False
+    if not fits:
         raise ValueError(
             f"background of shape {tuple(background.shape)} does not broadcast to the image shape {shape}"
-        ) from None
+        )
     if float(background.min()) < 0:
         raise ValueError("background must be non-negative everywhere")
     return background
+
+
+def per_axis(value: Any, ndim: int, name: str, *, positive: bool = True) -> tuple[float, ...]:
+    """One value per axis from a scalar, or from a sequence or array of ``ndim`` values."""
+    values = tuple(np.ravel(value).tolist()) if np.ndim(value) > 0 else (value,) * ndim
+    if len(values) != ndim:
+        raise ValueError(f"{name} needs one value per axis ({ndim}), got {len(values)}")
+    return tuple(check_float(v, name, strict=positive) for v in values)
 
 
 def check_callback(callback: Any) -> Any:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, data, io, metrics
+from . import __version__, _validate, data, io, metrics
 from ._backend import get_backend
 from .restore import METHODS, deconvolve
 
@@ -103,7 +103,7 @@ def _deconvolve(args: argparse.Namespace) -> int:
             meta["provenance"] = _provenance(args, params, str(args.psf), args.device)
             io.imwrite(target, restored, meta)
             print(f"{path}: {time.perf_counter() - start:.2f} s -> {target}")
-        except (OSError, ValueError, TypeError) as error:
+        except Exception as error:  # one bad file (or a device out of memory) must not stop the batch
             failures.append(f"{path}: {error}")
             print(f"{path}: FAILED: {error}", file=sys.stderr)
     if failures:
@@ -119,7 +119,7 @@ def _add_method_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-iter", type=int, default=30, help="RL iterations (default 30)")
     parser.add_argument("--balance", type=float, default=None, help="Wiener balance (default: auto)")
     parser.add_argument(
-        "--boundary", choices=["non-circulant", "periodic", "reflect"], default="non-circulant"
+        "--boundary", choices=list(_validate.BOUNDARIES), default="non-circulant"
     )
     parser.add_argument(
         "--background", type=float, default=None, help="additive background in counts (camera offset)"

@@ -21,6 +21,9 @@ import numpy as np
 __all__ = ["imread", "imwrite"]
 
 _IMAGEJ_AXES = "TZCYXS"
+# length units as ImageJ writes them, in micrometres
+_UNITS_UM = {"micron": 1.0, "microns": 1.0, "um": 1.0, "\u00b5m": 1.0, "\\u00b5m": 1.0, "nm": 1e-3,
+             "nanometer": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6, "meter": 1e6}
 _DEFAULT_AXES = {1: "X", 2: "YX", 3: "ZYX", 4: "TZYX", 5: "TZCYX"}
 
 
@@ -84,6 +87,7 @@ def imread(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
                     num, den = page.tags[tag].value
                     if num and den and (num, den) != (1, 1):
                         spacing[axis] = den / num
+                spacing = _in_micrometres(spacing, tif, page)
             if tif.is_ome and tif.ome_metadata:
                 spacing.update(_ome_spacing(tif.ome_metadata, axes))
             _check_complete(tif, path)
@@ -96,6 +100,22 @@ def imread(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
     meta["spacing_known"] = all(a in spacing for a in axes if a in "ZYX")
     meta.setdefault("unit", "um")
     return array, meta
+
+
+def _in_micrometres(spacing: dict[str, float], tif: Any, page: Any) -> dict[str, float]:
+    """Convert ImageJ / TIFF resolution units to micrometres; drop what has no length unit."""
+    if tif.imagej_metadata:
+        unit = str(tif.imagej_metadata.get("unit", "micron")).strip().lower()
+        factor = _UNITS_UM.get(unit)
+    else:
+        # Plain TIFFs: centimetres convert; inches (the 72 or 300 dpi of image editors) and
+        # "no unit" say nothing about a microscope's voxels.
+        unit_tag = page.tags.get("ResolutionUnit")
+        factor = 1e4 if unit_tag is not None and int(unit_tag.value) == 3 else None
+        spacing = {k: v for k, v in spacing.items() if k in "XY"}
+    if factor is None:
+        return {}
+    return {axis: value * factor for axis, value in spacing.items()}
 
 
 def _check_complete(tif: Any, path: Path) -> None:
@@ -138,8 +158,10 @@ def imwrite(path: str | os.PathLike, array: Any, meta: dict[str, Any] | None = N
     """
     import tifffile
 
+    from ._backend import is_device_array
+
     meta = dict(meta or {})
-    data = np.asarray(array)
+    data = array.get() if is_device_array(array) else np.asarray(array)
     if data.dtype.kind == "f" and data.dtype != np.float32:
         data = data.astype(np.float32)
     if data.dtype not in (np.uint8, np.uint16, np.float32):

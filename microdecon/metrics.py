@@ -14,8 +14,9 @@ __all__ = ["psnr", "nrmse"]
 def _pair(reference: Any, estimate: Any):
     on_gpu = is_device_array(reference) or is_device_array(estimate)
     be = get_backend(reference, estimate, device="auto" if on_gpu else "cpu")
-    ref = be.asarray(reference, dtype=np.float64)
-    est = be.asarray(estimate, dtype=np.float64)
+    with be.activate():
+        ref = be.asarray(reference, dtype=np.float64)
+        est = be.asarray(estimate, dtype=np.float64)
     if ref.shape != est.shape:
         raise ValueError(f"reference shape {tuple(ref.shape)} and estimate shape {tuple(est.shape)} differ")
     return be.xp, ref, est

@@ -75,11 +75,27 @@ def _reflect_runs(length: int, n: int, left: int) -> list[_Run]:
     return runs
 
 
-def _along(axis: int, ndim: int, index: slice, prefix: tuple[slice, ...] = ()) -> tuple[slice, ...]:
-    """Index tuple selecting ``index`` on ``axis``; ``prefix`` restricts the axes before it."""
-    full = list(prefix) + [slice(None)] * (ndim - len(prefix))
+def _along(axis: int, ndim: int, index: slice) -> tuple[slice, ...]:
+    """Index tuple selecting ``index`` on ``axis`` and everything on the other axes."""
+    full = [slice(None)] * ndim
     full[axis] = index
     return tuple(full)
+
+
+def _mirror_runs(
+    grid, runs: list[_Run], prefix: tuple[slice, ...], rest: tuple[slice, ...], *, transpose: bool = False
+) -> None:
+    """Fill the runs of one axis from the core they mirror; with ``transpose``, add them back onto it.
+
+    ``prefix`` and ``rest`` select, on the axes before and after this one, where to work.
+    """
+    for run in runs:
+        margin = prefix + (slice(run.start, run.stop),) + rest
+        core = prefix + (_source_slice(run),) + rest
+        if transpose:
+            grid[core] += grid[margin]
+        else:
+            grid[margin] = grid[core]
 
 
 def _source_slice(run: _Run) -> slice:
@@ -184,7 +200,8 @@ class Convolution:
         _validate.check_choice(boundary, "boundary", _validate.BOUNDARIES)
         self.backend = backend or get_backend(device="cpu")
         self.boundary = boundary
-        self.image_shape = tuple(int(n) for n in image_shape)
+        self.image_shape = tuple(_validate.check_int(n, "image_shape", minimum=1) for n in image_shape)
+        psf = _validate.check_psf(psf, len(self.image_shape))
         psf_host = np.asarray(self.backend.to_host(psf), dtype=np.float64)
         self.psf_shape = psf_host.shape
         psf_host = psf_host / psf_host.sum()
@@ -253,22 +270,14 @@ class Convolution:
         # Axis by axis: each pass mirrors what the passes before it filled, so the corners fill too.
         for axis, runs in enumerate(self._runs):
             prefix = tuple(slice(0, e) for e in self.extent[:axis])
-            rest = tuple(self.image_slices[axis + 1 :])
-            for run in runs:
-                dst = prefix + (slice(run.start, run.stop),) + rest
-                src = prefix + (_source_slice(run),) + rest
-                grid[dst] = grid[src]
+            _mirror_runs(grid, runs, prefix, tuple(self.image_slices[axis + 1 :]))
         return grid
 
     def _mirror_fold(self, grid):
         """Adjoint of :meth:`_mirror_extend`: add the mirrored margins back onto the image window."""
         for axis in reversed(range(grid.ndim)):
             prefix = tuple(slice(0, e) for e in self.extent[:axis])
-            rest = tuple(self.image_slices[axis + 1 :])
-            for run in self._runs[axis]:
-                dst = prefix + (slice(run.start, run.stop),) + rest
-                src = prefix + (_source_slice(run),) + rest
-                grid[src] += grid[dst]
+            _mirror_runs(grid, self._runs[axis], prefix, tuple(self.image_slices[axis + 1 :]), transpose=True)
         return grid[self.image_slices]
 
     # ---- the operator -----------------------------------------------------------------------
@@ -292,12 +301,10 @@ class Convolution:
         be = self.backend
         if staged:
             source = self.plan.real
-        elif self.boundary == "reflect":
-            source = self._mirror_extend(x, self._grid_buffer())
-        elif self.boundary == "non-circulant" and tuple(x.shape) != self.fft_shape:
-            raise ValueError(f"x must have the object shape {self.fft_shape}, got {tuple(x.shape)}")
         else:
-            source = x
+            if tuple(x.shape) != self.object_shape:
+                raise ValueError(f"x must have the object shape {self.object_shape}, got {tuple(x.shape)}")
+            source = self._mirror_extend(x, self._grid_buffer()) if self.boundary == "reflect" else x
         spectrum = self.plan.forward(source)
         del source
         self._work = None  # let go of the last result before the inverse makes a new one
@@ -315,6 +322,8 @@ class Convolution:
         if y is None:
             grid = self._work
         else:
+            if tuple(y.shape) != self.image_shape:
+                raise ValueError(f"y must have the image shape {self.image_shape}, got {tuple(y.shape)}")
             grid = self._grid_buffer()
             grid[self.image_slices] = y
         self._zero_outside_image(grid)
@@ -356,12 +365,8 @@ class Convolution:
         grid[self.image_slices] = image
         ndim = grid.ndim
         for axis, (length, n, window) in enumerate(zip(self.fft_shape, self.image_shape, self.image_slices)):
-            prefix = (slice(None),) * axis
-            rest = tuple(self.image_slices[axis + 1 :])
-            for run in _reflect_runs(length, n, window.start):
-                grid[prefix + (slice(run.start, run.stop),) + rest] = grid[
-                    prefix + (_source_slice(run),) + rest
-                ]
+            runs = _reflect_runs(length, n, window.start)
+            _mirror_runs(grid, runs, (slice(None),) * axis, tuple(self.image_slices[axis + 1 :]))
         keep = 0.5 if self.boundary == "reflect" else 0.0
         mean = np.float32(float(image.mean()))
         grid -= mean
@@ -393,13 +398,17 @@ class Convolution:
         return result
 
 
-def _prepare(x: Any, psf: Any, name: str, boundary: str, device: str) -> tuple[Convolution, Any]:
+def _apply(x: Any, psf: Any, name: str, boundary: str, device: str, transpose: bool):
     x = _validate.check_array(x, name)
     psf = _validate.check_psf(psf, x.ndim)
     _validate.check_choice(boundary, "boundary", _validate.BOUNDARIES)
     backend = get_backend(x, psf, device=device)
-    op = Convolution(psf, tuple(x.shape), boundary=boundary, backend=backend)
-    return op, backend.asarray(x)
+    with backend.activate():  # the OTF and the plan on the chosen GPU
+        op = Convolution(psf, tuple(x.shape), boundary=boundary, backend=backend)
+        data = backend.asarray(x)
+        result = op.restrict(op.adjoint(data)) if transpose else op.forward(op.embed(data))
+        out = backend.xp.array(result, dtype=np.float32, copy=True)
+    return return_like(out, x, backend)
 
 
 def convolve(x: Any, psf: Any, *, boundary: Boundary = "non-circulant", device: str = "auto"):
@@ -428,10 +437,7 @@ def convolve(x: Any, psf: Any, *, boundary: Boundary = "non-circulant", device: 
     >>> md.convolve(x, np.array([1.0, 2.0, 1.0]), device="cpu").round(2).tolist()
     [0.0, 0.0, 0.25, 0.5, 0.25, 0.0, 0.0]
     """
-    op, data = _prepare(x, psf, "x", boundary, device)
-    with op.backend.activate():
-        out = op.backend.xp.array(op.forward(op.embed(data)), dtype=np.float32, copy=True)
-    return return_like(out, x, op.backend)
+    return _apply(x, psf, "x", boundary, device, transpose=False)
 
 
 def convolve_transpose(y: Any, psf: Any, *, boundary: Boundary = "non-circulant", device: str = "auto"):
@@ -461,7 +467,4 @@ def convolve_transpose(y: Any, psf: Any, *, boundary: Boundary = "non-circulant"
     >>> (md.convolve_transpose(y, np.array([0.0, 1.0, 3.0]), device="cpu").round(2) + 0).tolist()
     [0.0, 0.0, 0.75, 0.25, 0.0, 0.0, 0.0]
     """
-    op, data = _prepare(y, psf, "y", boundary, device)
-    with op.backend.activate():
-        out = op.backend.xp.array(op.restrict(op.adjoint(data)), dtype=np.float32, copy=True)
-    return return_like(out, y, op.backend)
+    return _apply(y, psf, "y", boundary, device, transpose=True)

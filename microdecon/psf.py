@@ -15,13 +15,6 @@ from . import _validate
 __all__ = ["gaussian", "widefield"]
 
 
-def _per_axis(value: float | Sequence[float], ndim: int, name: str) -> tuple[float, ...]:
-    values = tuple(value) if isinstance(value, Sequence) else (value,) * ndim
-    if len(values) != ndim:
-        raise ValueError(f"{name} needs one value per axis ({ndim}), got {len(values)}")
-    return tuple(_validate.check_float(v, name, strict=True) for v in values)
-
-
 def gaussian(shape: int | Sequence[int], sigma: float | Sequence[float]) -> np.ndarray:
     """A Gaussian PSF sampled on a grid, centred at ``n // 2``, normalized to sum 1.
 
@@ -45,12 +38,12 @@ def gaussian(shape: int | Sequence[int], sigma: float | Sequence[float]) -> np.n
     >>> p.shape, round(float(p.sum()), 6), tuple(int(i) for i in divmod(int(p.argmax()), 7))
     ((5, 7), 1.0, (2, 3))
     """
-    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    shape = (shape,) if np.ndim(shape) == 0 else tuple(shape)
     if not shape:
         raise ValueError("shape must have at least one axis")
     for n in shape:
         _validate.check_int(n, "shape", minimum=1)
-    sigmas = _per_axis(sigma, len(shape), "sigma")
+    sigmas = _validate.per_axis(sigma, len(shape), "sigma")
     profiles = [np.exp(-0.5 * ((np.arange(n) - n // 2) / s) ** 2) for n, s in zip(shape, sigmas)]
     psf = profiles[0]
     for profile in profiles[1:]:
@@ -110,7 +103,7 @@ def widefield(
     shape = tuple(_validate.check_int(n, "shape", minimum=1) for n in shape)
     if len(shape) != 3:
         raise ValueError(f"shape must be (z, y, x), got {len(shape)} axes")
-    dz, dy, dx = _per_axis(spacing, 3, "spacing")
+    dz, dy, dx = _validate.per_axis(spacing, 3, "spacing")
     wavelength = _validate.check_float(wavelength, "wavelength", strict=True)
     na = _validate.check_float(na, "na", strict=True)
     n_immersion = _validate.check_float(n_immersion, "n_immersion", strict=True)

@@ -80,3 +80,22 @@ def test_interrupted_write_keeps_the_old_file(tmp_path, monkeypatch):
     monkeypatch.undo()
     np.testing.assert_array_equal(io.imread(path)[0], 1)
     assert sorted(os.listdir(tmp_path)) == ["keep.tif"]
+
+
+def test_units_are_converted_or_marked_unknown(tmp_path):
+    data = np.zeros((3, 5, 6), np.uint16)
+    tifffile.imwrite(
+        tmp_path / "nm.tif",
+        data,
+        imagej=True,
+        resolution=(1 / 100.0, 1 / 100.0),
+        metadata={"spacing": 200, "unit": "nm", "axes": "ZYX"},
+    )
+    _, meta = io.imread(tmp_path / "nm.tif")
+    assert meta["spacing"] == (0.2, 0.1, 0.1) and meta["spacing_known"]
+    tifffile.imwrite(tmp_path / "dpi.tif", data[0], resolution=(72, 72), resolutionunit=2)
+    _, meta = io.imread(tmp_path / "dpi.tif")  # an image editor's 72 dpi is not a voxel size
+    assert meta["spacing"] == (1.0, 1.0) and not meta["spacing_known"]
+    tifffile.imwrite(tmp_path / "cm.tif", data[0], resolution=(1e4 / 0.25, 1e4 / 0.25), resolutionunit=3)
+    _, meta = io.imread(tmp_path / "cm.tif")
+    np.testing.assert_allclose(meta["spacing"], (0.25, 0.25))

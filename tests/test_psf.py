@@ -47,6 +47,12 @@ def test_widefield_rejects_impossible_optics(kwargs, match):
         md.psf.widefield((9, 9, 9), (0.2, 0.1, 0.1), **params)
 
 
+def test_per_axis_values_may_be_arrays():
+    a = md.psf.gaussian(np.array([9, 11]), np.array([1.0, 2.0]))
+    np.testing.assert_array_equal(a, md.psf.gaussian((9, 11), (1.0, 2.0)))
+    assert md.psf.gaussian(np.int64(5), 1.0).shape == (5,)
+
+
 def test_gaussian_rejects_bad_sigma():
     with pytest.raises(ValueError, match="sigma"):
         md.psf.gaussian((5, 5), 0.0)

@@ -59,6 +59,29 @@ def test_accelerated_beats_plain_at_equal_iterations(problem_3d):
     plain = md.richardson_lucy(noisy, psf, 10, accelerate=False, device="cpu")
     fast = md.richardson_lucy(noisy, psf, 10, accelerate=True, device="cpu")
     assert psnr(truth, fast) > psnr(truth, plain) + 0.5
+    # and matches 40 plain iterations in 16
+    plain_40 = md.richardson_lucy(noisy, psf, 40, accelerate=False, device="cpu")
+    fast_16 = md.richardson_lucy(noisy, psf, 16, accelerate=True, device="cpu")
+    assert psnr(truth, fast_16) >= psnr(truth, plain_40)
+
+
+def test_float32_inputs_views_and_memmaps_are_never_written(tmp_path, problem_3d):
+    _, psf, noisy = problem_3d
+    signed = noisy - 0.5  # negative values: RL clips its own copy, not the caller's
+    before = signed.copy()
+    md.richardson_lucy(signed, psf, 3, device="cpu")
+    md.richardson_lucy(signed[2:], psf, 3, device="cpu")
+    np.testing.assert_array_equal(signed, before)
+    mapped = np.lib.format.open_memmap(
+        tmp_path / "stack.npy", mode="w+", dtype=np.float32, shape=signed.shape
+    )
+    mapped[...] = signed
+    mapped.flush()
+    md.richardson_lucy(mapped, psf, 3, device="cpu")
+    np.testing.assert_array_equal(np.load(tmp_path / "stack.npy"), before)
+    frozen = signed.copy()
+    frozen.flags.writeable = False
+    assert md.richardson_lucy(frozen, psf, 3, device="cpu").shape == frozen.shape
 
 
 def test_output_is_float32_nonnegative_and_input_untouched(device, xp_for, problem_3d):
@@ -69,6 +92,15 @@ def test_output_is_float32_nonnegative_and_input_untouched(device, xp_for, probl
     assert type(out) is type(image) and out.dtype == np.float32 and out.shape == image.shape
     assert float(out.min()) >= 0 and bool(xp_for.isfinite(out).all())
     assert bool((image == before).all())
+
+
+def asymmetric_psf(shape):
+    """An even-sized, off-centre, skewed PSF: its OTF is complex, so conjugation matters."""
+    grids = np.indices(shape, dtype=np.float64)
+    centre = [n // 2 + 0.7 for n in shape]
+    r2 = sum(((g - c) / (1.0 + 0.4 * i)) ** 2 for i, (g, c) in enumerate(zip(grids, centre)))
+    psf = np.exp(-0.5 * r2) * (1 + 0.5 * (grids[-1] - centre[-1]).clip(0))
+    return (psf / psf.sum()).astype(np.float32)
 
 
 def naive_periodic_rl(image, psf, num_iter):
@@ -96,6 +128,26 @@ def test_plain_periodic_rl_matches_textbook_reference(device, problem_2d):
     assert np.abs(got - expected).max() <= 1e-4 * expected.max()
 
 
+def test_plain_periodic_rl_matches_reference_with_an_asymmetric_even_psf():
+    truth = md.data.phantom((48, 50), seed=6)
+    psf = asymmetric_psf((8, 10))
+    image = np.maximum(md.convolve(truth, psf, boundary="periodic", device="cpu"), 0) + 0.5
+    expected = naive_periodic_rl(image.astype(np.float64), psf.astype(np.float64), 10)
+    got = md.richardson_lucy(image, psf, 10, accelerate=False, boundary="periodic", device="cpu")
+    assert np.abs(got - expected).max() <= 1e-4 * expected.max()
+
+
+@pytest.mark.parametrize("boundary", ["non-circulant", "reflect"])
+def test_asymmetric_psf_larger_than_the_stack(boundary):
+    # a measured PSF often has more planes than the stack (2P - 1 here) and is not symmetric
+    truth = md.data.phantom((9, 40, 40), seed=8)
+    psf = asymmetric_psf((17, 9, 9))
+    blurred = np.maximum(md.convolve(truth, psf, boundary=boundary, device="cpu"), 0)
+    noisy = np.random.default_rng(3).poisson(blurred * 30).astype(np.float32) / 30
+    out = md.richardson_lucy(noisy, psf, 15, boundary=boundary, device="cpu")
+    assert psnr(truth, out) > psnr(truth, noisy) + 2
+
+
 def test_background_is_an_additive_offset(problem_3d):
     truth, psf, noisy = problem_3d
     offset = 40.0
@@ -108,6 +160,10 @@ def test_background_is_an_additive_offset(problem_3d):
     assert psnr(truth, modelled) > psnr(truth, noisy) + 1
     as_array = md.richardson_lucy(with_offset, psf, 15, background=np.full(noisy.shape, offset), device="cpu")
     np.testing.assert_allclose(as_array, modelled, rtol=1e-4, atol=1e-4)
+    per_plane = md.richardson_lucy(
+        with_offset, psf, 15, background=np.full(noisy.shape[1:], offset), device="cpu"
+    )
+    np.testing.assert_allclose(per_plane, modelled, rtol=1e-4, atol=1e-4)
 
 
 def test_non_circulant_restores_objects_cut_by_the_border():
@@ -153,9 +209,12 @@ def test_callback_sees_each_iteration_and_can_stop(problem_2d):
         seen.append((iteration, estimate.shape, float(estimate.sum())))
         return iteration == 4
 
-    md.richardson_lucy(noisy, psf, 30, callback=callback, device="cpu")
+    stopped = md.richardson_lucy(noisy, psf, 30, callback=callback, device="cpu")
     assert [s[0] for s in seen] == [1, 2, 3, 4]
     assert all(s[1] == noisy.shape for s in seen)
+    four = md.richardson_lucy(noisy, psf, 4, device="cpu")
+    np.testing.assert_array_equal(stopped, four)
+    assert abs(seen[-1][2] - float(four.sum())) <= 1e-5 * float(four.sum())
 
 
 def test_otf_and_plan_are_computed_once_per_call(monkeypatch, problem_2d):
@@ -178,7 +237,7 @@ def test_otf_and_plan_are_computed_once_per_call(monkeypatch, problem_2d):
 
     monkeypatch.setattr(backend, "fft_plan", counting_plan)
     md.richardson_lucy(noisy, psf, 7, accelerate=False, device="cpu")
-    # one plan; one FFT for the OTF, two for H^T 1, then two per iteration
+    # one plan; one forward FFT for the OTF, one for H^T 1, then two per iteration
     assert calls["plans"] == 1
     assert calls["forward"] == 1 + 1 + 2 * 7
 
@@ -191,6 +250,8 @@ def test_otf_and_plan_are_computed_once_per_call(monkeypatch, problem_2d):
         ({"num_iter": True}, TypeError, "num_iter must be an integer"),
         ({"background": -1.0}, ValueError, "background must be >= 0"),
         ({"background": np.ones((3, 3))}, ValueError, "background of shape"),
+        ({"background": np.ones((1, 8, 8))}, ValueError, "background of shape"),
+        ({"background": np.array([[np.nan] * 8] * 8)}, ValueError, "background contains NaN"),
         ({"background": float("nan")}, ValueError, "background must be finite"),
         ({"boundary": "wrap"}, ValueError, "boundary must be one of"),
         ({"device": "tpu"}, ValueError, "device must be"),
@@ -212,6 +273,20 @@ def test_bad_images_and_psfs_are_named():
         md.richardson_lucy(np.ones((4, 4), complex), np.ones((3, 3)), 2, device="cpu")
     with pytest.raises(ValueError, match="image is empty"):
         md.richardson_lucy(np.ones((4, 0)), np.ones((3, 3)), 2, device="cpu")
+    with pytest.raises(ValueError, match="psf contains NaN or infinite"):
+        md.richardson_lucy(np.ones((4, 4)), np.array([[1.0, np.inf]]), 2, device="cpu")
+    with pytest.raises(ValueError, match="psf is empty"):
+        md.richardson_lucy(np.ones((4, 4)), np.ones((0, 3)), 2, device="cpu")
+    with pytest.raises(ValueError, match="beyond the float32 range"):
+        md.richardson_lucy(np.full((4, 4), 1e39), np.ones((3, 3)), 2, device="cpu")
+    with pytest.raises(TypeError, match="image must be an array of numbers"):
+        md.richardson_lucy([[1, 2], [3]], np.ones((3, 3)), 2, device="cpu")
+
+
+def test_dask_input_is_refused_until_tiling_exists():
+    da = pytest.importorskip("dask.array")
+    with pytest.raises(TypeError, match="image is a Dask array"):
+        md.richardson_lucy(da.ones((8, 8)), np.ones((3, 3)), 2, device="cpu")
 
 
 @pytest.mark.skipif(md._backend._pyfftw() is None, reason="needs pyFFTW")

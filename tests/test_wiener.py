@@ -15,6 +15,23 @@ def test_noise_free_periodic_blur_is_recovered_almost_exactly(device):
     assert np.abs(out - truth).max() < 2e-3 * truth.max()
 
 
+def test_asymmetric_psf_is_inverted_with_its_conjugate():
+    from .test_richardson_lucy import asymmetric_psf
+
+    truth = md.data.phantom((40, 44), seed=9)
+    psf = asymmetric_psf((6, 8)) * 0.2 + md.psf.gaussian((6, 8), 0.5) * 0.8  # complex OTF, no zeros
+    blurred = md.convolve(truth, psf, boundary="periodic", device="cpu")
+    out = md.wiener(blurred, psf, balance=1e-9, boundary="periodic", clip=False, device="cpu")
+    assert np.abs(out - truth).max() < 5e-3 * truth.max()
+
+
+def test_bad_images_are_named():
+    with pytest.raises(ValueError, match="image contains NaN"):
+        md.wiener(np.array([[1.0, np.nan]]), np.ones((1, 1)), device="cpu")
+    with pytest.raises(ValueError, match="psf has 1 axes but the image has 2"):
+        md.wiener(np.ones((4, 4)), np.ones(3), device="cpu")
+
+
 @pytest.mark.parametrize("boundary", ["non-circulant", "periodic", "reflect"])
 def test_auto_balance_restores_noisy_data(device, boundary):
     rng = np.random.default_rng(0)

@@ -127,9 +127,7 @@ class _RichardsonLucy:
         xp = be.xp
         self.op, self.be, self.xp = op, be, xp
         # A fresh float32 copy on the device, clipped at zero: the caller's array is never touched.
-        self.data = be.asarray(image)
-        if self.data is image:
-            self.data = self.data.copy()
+        self.data = be.working_copy(image)
         xp.maximum(self.data, 0, out=self.data)
         if isinstance(background, float):
             self.background = np.float32(background)
@@ -140,8 +138,8 @@ class _RichardsonLucy:
         # RL is scale-equivariant; working at unit scale keeps float32 sums and dot products far
         # from overflow (1e30 counts) and underflow alike. The result is scaled back at the end.
         self.scale = max(float(self.data.max()), level) or 1.0
-        self.data *= np.float32(1 / self.scale)
-        self.background = self.background * np.float32(1 / self.scale)
+        self.data /= np.float32(self.scale)  # a division: 1 / scale may not fit in float32
+        self.background = self.background / np.float32(self.scale)
         # Denominators below this are noise: a floor stops 0/0 and blow-ups in empty regions.
         self.floor = np.float32(1e-6)
         # H^T 1, the fraction of each voxel's light that the image sees; the update divides by

@@ -35,13 +35,13 @@ from typing import Any
 import numpy as np
 
 from .. import _validate
-from .._backend import get_backend, return_like
+from .._backend import array_module, get_backend, return_like
 from ..operators import Boundary, Convolution
 
 __all__ = ["discrepancy_balance", "estimate_noise_sigma", "wiener"]
 
 
-def estimate_noise_sigma(image: Any, xp: Any = np) -> float:
+def estimate_noise_sigma(image: Any) -> float:
     """Root-mean-square noise in ``image``, from its finest diagonal Haar detail.
 
     A microscope's PSF removes the signal at the finest scale (images are sampled at or above
@@ -58,6 +58,7 @@ def estimate_noise_sigma(image: Any, xp: Any = np) -> float:
     >>> round(estimate_noise_sigma(noisy), 1)
     2.0
     """
+    xp = array_module(image)
     detail = xp.asarray(image, dtype=np.float32)
     for axis in range(detail.ndim):
         n = detail.shape[axis] // 2 * 2
@@ -186,7 +187,7 @@ def discrepancy_balance(
         raw = spectrum.ravel()[dead]
         noise_power = float(xp.median(raw.real**2 + raw.imag**2)) / np.log(2)
     else:
-        noise_power = estimate_noise_sigma(data, xp) ** 2 * n
+        noise_power = estimate_noise_sigma(data) ** 2 * n
     # Group frequencies by |H|^2 in fine logarithmic bins: the residual for any balance then
     # costs a few hundred operations instead of a pass over the spectrum.
     per_decade = 40
