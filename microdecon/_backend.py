@@ -142,6 +142,9 @@ class _FFTWPlan:
 # temporaries only: several steps per pass while the slab is in cache, every core busy, and no
 # grid-sized temporary.
 # --------------------------------------------------------------------------------------------
+#: The kernels every backend offers, under the same names and signatures.
+KERNEL_NAMES = ("rl_ratio", "rl_update", "rl_accelerated_update", "extrapolate", "multiply_spectrum", "copy")
+
 _SLAB_ELEMENTS = 1 << 18  # ~1 MB of float32 per slab: stays in a core's cache
 
 
@@ -285,14 +288,8 @@ def _numpy_kernels(workers: int):
         slabs.map(slab, source)
         return destination
 
-    return {
-        "rl_ratio": rl_ratio,
-        "rl_update": rl_update,
-        "rl_accelerated_update": rl_accelerated_update,
-        "extrapolate": extrapolate,
-        "multiply_spectrum": multiply_spectrum,
-        "copy": copy,
-    }
+    kernels = locals()
+    return {name: kernels[name] for name in KERNEL_NAMES}
 
 
 def _cupy_kernels(cupy: Any):
@@ -396,14 +393,8 @@ def _cupy_kernels(cupy: Any):
             also[...] = source
         return destination
 
-    return {
-        "rl_ratio": rl_ratio,
-        "rl_update": rl_update,
-        "rl_accelerated_update": rl_accelerated_update,
-        "extrapolate": extrapolate,
-        "multiply_spectrum": multiply_spectrum,
-        "copy": copy,
-    }
+    kernels = locals()
+    return {name: kernels[name] for name in KERNEL_NAMES}
 
 
 # --------------------------------------------------------------------------------------------

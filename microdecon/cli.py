@@ -118,9 +118,7 @@ def _add_method_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=sorted(METHODS), default="rl")
     parser.add_argument("--num-iter", type=int, default=30, help="RL iterations (default 30)")
     parser.add_argument("--balance", type=float, default=None, help="Wiener balance (default: auto)")
-    parser.add_argument(
-        "--boundary", choices=list(_validate.BOUNDARIES), default="non-circulant"
-    )
+    parser.add_argument("--boundary", choices=list(_validate.BOUNDARIES), default="non-circulant")
     parser.add_argument(
         "--background", type=float, default=None, help="additive background in counts (camera offset)"
     )

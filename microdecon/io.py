@@ -22,8 +22,19 @@ __all__ = ["imread", "imwrite"]
 
 _IMAGEJ_AXES = "TZCYXS"
 # length units as ImageJ writes them, in micrometres
-_UNITS_UM = {"micron": 1.0, "microns": 1.0, "um": 1.0, "\u00b5m": 1.0, "\\u00b5m": 1.0, "nm": 1e-3,
-             "nanometer": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6, "meter": 1e6}
+_UNITS_UM = {
+    "micron": 1.0,
+    "microns": 1.0,
+    "um": 1.0,
+    "\u00b5m": 1.0,
+    "\\u00b5m": 1.0,
+    "nm": 1e-3,
+    "nanometer": 1e-3,
+    "mm": 1e3,
+    "cm": 1e4,
+    "m": 1e6,
+    "meter": 1e6,
+}
 _DEFAULT_AXES = {1: "X", 2: "YX", 3: "ZYX", 4: "TZYX", 5: "TZCYX"}
 
 
