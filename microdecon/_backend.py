@@ -143,7 +143,7 @@ class _FFTWPlan:
 # grid-sized temporary.
 # --------------------------------------------------------------------------------------------
 #: The kernels every backend offers, under the same names and signatures.
-KERNEL_NAMES = ("rl_ratio", "rl_update", "rl_accelerated_update", "extrapolate", "multiply_spectrum", "copy")
+KERNEL_NAMES = ("rl_ratio", "rl_update", "predict", "rl_accelerated_update", "multiply_spectrum", "copy")
 
 _SLAB_ELEMENTS = 1 << 18  # ~1 MB of float32 per slab: stays in a core's cache
 
@@ -227,47 +227,60 @@ def _numpy_kernels(workers: int):
         slabs.map(slab, estimate)
         return out
 
-    def rl_accelerated_update(predicted, correction, normalization, update_prev, have_prev):
-        """One Biggs–Andrews step after the RL correction, in one pass over the data.
+    def _predicted(current, step, alpha, s):
+        """max(x_k + alpha * h_k, 0) on one slab (a new array); ``step`` None means alpha = 0."""
+        if step is None:
+            return current[s].copy()
+        value = from_bfloat16(step[s])
+        value *= alpha
+        value += current[s]
+        np.maximum(value, 0, out=value)
+        return value
 
-        predicted <- new = max(predicted * correction * normalization, 0); the update
-        g = new - predicted replaces ``update_prev`` (stored as bfloat16, see
-        :func:`to_bfloat16`); returns <g, g_prev> and <g_prev, g_prev>, taken before it does.
+    def predict(current, step, alpha, out):
+        """out <- max(current + alpha * step, 0): the Biggs–Andrews predicted point.
+
+        ``step`` (h_k = x_k - x_{k-1}, bfloat16 bits) may be None on the first iteration.
         """
-
-        def slab(s):
-            value = correction[s] * predicted[s]
-            if normalization is not None:
-                value *= normalization[s]
-            np.maximum(value, 0, out=value)
-            new = value.copy()
-            value -= predicted[s]  # the update g
-            predicted[s] = new
-            cross = norm = 0.0
-            if have_prev:
-                previous = from_bfloat16(update_prev[s])
-                cross = float(np.dot(value.ravel(), previous.ravel()))
-                norm = float(np.dot(previous.ravel(), previous.ravel()))
-            update_prev[s] = to_bfloat16(value)
-            return cross, norm
-
-        parts = slabs.map(slab, predicted)
-        return sum(p[0] for p in parts), sum(p[1] for p in parts)
-
-    def extrapolate(previous, current, alpha, also=None):
-        """previous <- max(current + alpha * (current - previous), 0), in place (and into ``also``)."""
         alpha = np.float32(alpha)
 
         def slab(s):
-            value = current[s] - previous[s]
-            value *= alpha
-            value += current[s]
-            np.maximum(value, 0, out=previous[s])
-            if also is not None:
-                also[s] = previous[s]
+            out[s] = _predicted(current, step, alpha, s)
 
         slabs.map(slab, current)
-        return previous
+        return out
+
+    def rl_accelerated_update(current, step, alpha, correction, normalization, update_prev, have_prev):
+        """One accelerated RL step after the correction, in one pass over the data.
+
+        With y = max(x + alpha h, 0) recomputed from ``current`` (x) and ``step`` (h, or None):
+        new = max(y * correction * normalization, 0) replaces ``current``; the RL update
+        g = new - y replaces ``update_prev`` and new - x replaces ``step`` (both bfloat16 bits,
+        see :func:`to_bfloat16`). Returns <g, g_prev> and <g_prev, g_prev>, from before.
+        """
+        alpha = np.float32(alpha)
+
+        def slab(s):
+            predicted = _predicted(current, step if have_prev else None, alpha, s)
+            new = correction[s] * predicted
+            if normalization is not None:
+                new *= normalization[s]
+            np.maximum(new, 0, out=new)
+            predicted -= new  # -g
+            cross = norm = 0.0
+            if have_prev:
+                previous = from_bfloat16(update_prev[s])
+                cross = -float(np.dot(predicted.ravel(), previous.ravel()))
+                norm = float(np.dot(previous.ravel(), previous.ravel()))
+            np.negative(predicted, out=predicted)
+            update_prev[s] = to_bfloat16(predicted)
+            predicted = np.subtract(new, current[s], out=predicted)  # the step h_{k+1}
+            step[s] = to_bfloat16(predicted)
+            current[s] = new
+            return cross, norm
+
+        parts = slabs.map(slab, current)
+        return sum(p[0] for p in parts), sum(p[1] for p in parts)
 
     def multiply_spectrum(spectrum, otf, conjugate):
         """spectrum *= otf (or its conjugate); ``otf`` may be real (a symmetric PSF)."""
@@ -311,15 +324,28 @@ def _cupy_kernels(cupy: Any):
         "T v = estimate * correction * normalization; out = v > (T)0 ? v : (T)0",
         "microdecon_rl_update_normalized",
     )
-    # new estimate in place of the predicted point; the update g into the correction's scratch
+    # bfloat16 bits <-> float32: the upper half of the float's bits
+    bf16 = "__uint_as_float(((unsigned int)({})) << 16)"
+    predicted_point = (
+        "T y = has_step ? current + alpha * " + bf16.format("step") + " : current; y = y > (T)0 ? y : (T)0;"
+    )
+    predict_kernel = cupy.ElementwiseKernel(
+        "T current, uint16 step, T alpha, bool has_step",
+        "T out",
+        predicted_point + " out = y;",
+        "microdecon_predict",
+    )
+    # new estimate in place of x; the RL update g into the correction's scratch; the step h
     accelerated = cupy.ElementwiseKernel(
-        "T normalization",
-        "T predicted, T correction",
-        """
-        T v = predicted * correction * normalization;
+        "T alpha, bool has_step, T normalization",
+        "T current, uint16 step, T correction",
+        predicted_point
+        + """
+        T v = y * correction * normalization;
         v = v > (T)0 ? v : (T)0;
-        correction = v - predicted;
-        predicted = v;
+        correction = v - y;
+        step = (unsigned short)(__float_as_uint(v - current) >> 16);
+        current = v;
         """,
         "microdecon_rl_accelerated",
     )
@@ -344,12 +370,6 @@ def _cupy_kernels(cupy: Any):
     store = cupy.ElementwiseKernel(
         "float32 g", "uint16 b", "b = (unsigned short)(__float_as_uint(g) >> 16)", "microdecon_to_bfloat16"
     )
-    extrap = cupy.ElementwiseKernel(
-        "T current, T alpha",
-        "T previous",
-        "T v = current + alpha * (current - previous); previous = v > (T)0 ? v : (T)0",
-        "microdecon_extrapolate",
-    )
     mul_conj = cupy.ElementwiseKernel(
         "C otf", "C spectrum", "spectrum = spectrum * conj(otf)", "microdecon_multiply_conj"
     )
@@ -366,20 +386,20 @@ def _cupy_kernels(cupy: Any):
             also[...] = out
         return out
 
-    def rl_accelerated_update(predicted, correction, normalization, update_prev, have_prev):
-        accelerated(normalization if normalization is not None else cupy.float32(1), predicted, correction)
+    def predict(current, step, alpha, out):
+        has_step = step is not None
+        placeholder = step if has_step else cupy.zeros(1, cupy.uint16)  # not read when has_step is False
+        return predict_kernel(current, placeholder, cupy.float32(alpha), has_step, out)
+
+    def rl_accelerated_update(current, step, alpha, correction, normalization, update_prev, have_prev):
+        factor = normalization if normalization is not None else cupy.float32(1)
+        accelerated(cupy.float32(alpha), have_prev, factor, current, step, correction)
         cross = norm = 0.0
         if have_prev:
             cross = float(dot(correction, update_prev))
             norm = float(square(update_prev))
         store(correction, update_prev)
         return cross, norm
-
-    def extrapolate(previous, current, alpha, also=None):
-        extrap(current, cupy.float32(alpha), previous)
-        if also is not None:
-            also[...] = previous
-        return previous
 
     def multiply_spectrum(spectrum, otf, conjugate):
         if conjugate and otf.dtype.kind == "c":

@@ -95,26 +95,32 @@ def test_numpy_kernels_match_their_formulas(shape):
     got = be.rl_update(estimate, correction, None, np.empty_like(estimate))
     np.testing.assert_allclose(got, np.maximum(estimate * correction, 0), rtol=1e-6)
 
-    previous, current = f32(), f32()
-    expected = np.maximum(current + 0.7 * (current - previous), 0)
-    np.testing.assert_allclose(be.extrapolate(previous.copy(), current, 0.7), expected, rtol=1e-6)
-    assert np.array_equal(be.copy(np.empty_like(current), current), current)
+    current, step = f32(), _backend.to_bfloat16(f32(0.5)).copy()
+    expected = np.maximum(current + 0.7 * _backend.from_bfloat16(step), 0)
+    np.testing.assert_allclose(be.predict(current, step, 0.7, np.empty_like(current)), expected, rtol=1e-6)
+    np.testing.assert_array_equal(be.predict(current, None, 0.7, np.empty_like(current)), current)
+    also = np.empty_like(current)
+    assert np.array_equal(be.copy(np.empty_like(current), current, also), current)
+    assert np.array_equal(also, current)
 
 
-def test_accelerated_update_fuses_step_update_and_dots():
+def test_accelerated_update_fuses_prediction_step_update_and_dots():
     be = get_backend(device="cpu")
     rng, f32 = kernel_inputs((9, 200, 150), seed=3)
-    predicted, correction, normalization = f32(), f32(), f32()
-    old_prev = f32(0.5)
-    update_prev = _backend.to_bfloat16(old_prev).copy()
+    current, correction, normalization = f32(), f32(), f32()
+    step = _backend.to_bfloat16(f32(0.5) * 0.1).copy()
+    update_prev = _backend.to_bfloat16(f32(0.5)).copy()
     old_prev = _backend.from_bfloat16(update_prev).astype(np.float64)
+    predicted = np.maximum(current + 0.6 * _backend.from_bfloat16(step), 0)
     new = np.maximum(predicted * correction * normalization, 0)
-    work = predicted.copy()
-    cross, norm = be.rl_accelerated_update(work, correction, normalization, update_prev, True)
-    np.testing.assert_allclose(work, new, rtol=1e-6)
+    work = current.copy()
+    cross, norm = be.rl_accelerated_update(work, step, 0.6, correction, normalization, update_prev, True)
+    np.testing.assert_allclose(work, new, rtol=1e-6, atol=1e-7)
     update = (new - predicted).astype(np.float64)
-    stored = _backend.from_bfloat16(update_prev)
-    assert np.all(np.abs(stored - update) <= 2**-7 * np.abs(update) + 1e-30)  # bfloat16: 8 bits
+    bf16_error = 2**-7  # 8 significant bits
+    assert np.all(np.abs(_backend.from_bfloat16(update_prev) - update) <= bf16_error * np.abs(update) + 1e-30)
+    new_step = (new - current).astype(np.float64)
+    assert np.all(np.abs(_backend.from_bfloat16(step) - new_step) <= bf16_error * np.abs(new_step) + 1e-30)
     assert abs(cross - np.dot(update.ravel(), old_prev.ravel())) < 1e-4 * abs(cross)
     assert abs(norm - np.dot(old_prev.ravel(), old_prev.ravel())) < 1e-4 * norm
 
@@ -159,24 +165,32 @@ def test_gpu_kernels_match_numpy(device):
     )
     np.testing.assert_allclose(got.get(), expected, rtol=1e-6)
 
-    predicted, update_prev = f32(), _backend.to_bfloat16(f32(0.5)).copy()
-    predicted_cpu, prev_cpu = predicted.copy(), update_prev.copy()
-    dots_cpu = cpu.rl_accelerated_update(predicted_cpu, correction, normalization, prev_cpu, True)
-    predicted_gpu, prev_gpu = cupy.asarray(predicted), cupy.asarray(update_prev)
-    dots_gpu = gpu.rl_accelerated_update(
-        predicted_gpu, cupy.asarray(correction), cupy.asarray(normalization), prev_gpu, True
+    current, step = f32(), _backend.to_bfloat16(f32(0.5) * 0.1).copy()
+    update_prev = _backend.to_bfloat16(f32(0.5)).copy()
+    expected = cpu.predict(current, step, 0.6, np.empty_like(current))
+    got = gpu.predict(cupy.asarray(current), cupy.asarray(step), 0.6, cupy.empty(current.shape, np.float32))
+    np.testing.assert_allclose(got.get(), expected, rtol=1e-6)
+    current_cpu, step_cpu, prev_cpu = current.copy(), step.copy(), update_prev.copy()
+    dots_cpu = cpu.rl_accelerated_update(
+        current_cpu, step_cpu, 0.6, correction, normalization, prev_cpu, True
     )
-    np.testing.assert_allclose(predicted_gpu.get(), predicted_cpu, rtol=1e-6)
-    np.testing.assert_array_equal(prev_gpu.get(), prev_cpu)
+    current_gpu, step_gpu, prev_gpu = (cupy.asarray(a) for a in (current, step, update_prev))
+    dots_gpu = gpu.rl_accelerated_update(
+        current_gpu, step_gpu, 0.6, cupy.asarray(correction), cupy.asarray(normalization), prev_gpu, True
+    )
+    np.testing.assert_allclose(current_gpu.get(), current_cpu, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        _backend.from_bfloat16(prev_gpu.get()), _backend.from_bfloat16(prev_cpu), rtol=2**-6, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        _backend.from_bfloat16(step_gpu.get()), _backend.from_bfloat16(step_cpu), rtol=2**-6, atol=1e-6
+    )
     np.testing.assert_allclose(dots_gpu, dots_cpu, rtol=1e-4)
 
     spectrum = (rng.random((8, 33)) + 1j * rng.random((8, 33))).astype(np.complex64)
     otf = (rng.random((8, 33)) + 1j * rng.random((8, 33))).astype(np.complex64)
     got = gpu.multiply_spectrum(cupy.asarray(spectrum), cupy.asarray(otf), True).get()
     np.testing.assert_allclose(got, spectrum * otf.conj(), rtol=1e-6)
-    previous, current = f32(), f32()
-    got = gpu.extrapolate(cupy.asarray(previous), cupy.asarray(current), 0.5).get()
-    np.testing.assert_allclose(got, np.maximum(current + 0.5 * (current - previous), 0), rtol=1e-6)
 
 
 def test_import_does_not_load_cupy_or_dask():
