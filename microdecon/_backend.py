@@ -86,16 +86,34 @@ class _ScipyStylePlan:
 
     reuses_buffers = False
 
-    def __init__(self, fft_module: Any, shape: tuple[int, ...], workers: int | None):
+    def __init__(
+        self, fft_module: Any, shape: tuple[int, ...], workers: int | None, *, by_stages: bool = False
+    ):
         self.shape = shape
         self._fft = fft_module
         self._kw = {} if workers is None else {"workers": workers}
+        # scipy's n-d inverse real FFT copies its input once more; done as a complex FFT over
+        # the leading axes (in place) and then a real one over the last, it needs no copy.
+        self._leading = tuple(range(len(shape) - 1)) if by_stages else None
 
     def forward(self, real):
-        return self._fft.rfftn(real, s=self.shape, **self._kw)
+        if self._leading is None:
+            return self._fft.rfftn(real, s=self.shape, **self._kw)
+        spectrum = self._fft.rfft(real, axis=-1, **self._kw)
+        if self._leading:
+            spectrum = self._fft.fftn(spectrum, axes=self._leading, overwrite_x=True, **self._kw)
+        return spectrum
 
     def inverse(self, spectrum):
-        return self._fft.irfftn(spectrum, s=self.shape, norm="forward", overwrite_x=True, **self._kw)
+        if self._leading is None:
+            return self._fft.irfftn(spectrum, s=self.shape, norm="forward", overwrite_x=True, **self._kw)
+        if self._leading:
+            spectrum = self._fft.ifftn(
+                spectrum, axes=self._leading, norm="forward", overwrite_x=True, **self._kw
+            )
+        return self._fft.irfft(
+            spectrum, n=self.shape[-1], axis=-1, norm="forward", overwrite_x=True, **self._kw
+        )
 
 
 class _FFTWPlan:
@@ -195,17 +213,23 @@ def from_bfloat16(bits: np.ndarray) -> np.ndarray:
 def _numpy_kernels(workers: int):
     slabs = _Slabs(workers)
 
-    def rl_ratio(image, blurred, background, floor):
-        """blurred <- image / max(blurred + background, floor), in place."""
+    def rl_ratio(image, blurred, background, floor, image_scale=1.0):
+        """blurred <- max(image, 0) * image_scale / max(blurred + background, floor), in place.
+
+        ``image`` may have any real dtype: each slab is converted as it is read.
+        """
         if isinstance(background, np.ndarray) and background.ndim:
             background = np.broadcast_to(background, image.shape)
+        image_scale = np.float32(image_scale)
 
         def slab(s):
             denominator = blurred[s] + (
                 background[s] if isinstance(background, np.ndarray) and background.ndim else background
             )
             np.maximum(denominator, floor, out=denominator)
-            np.divide(image[s], denominator, out=blurred[s])
+            numerator = np.multiply(image[s], image_scale, dtype=np.float32)
+            np.maximum(numerator, 0, out=numerator)
+            np.divide(numerator, denominator, out=blurred[s])
 
         slabs.map(slab, image)
         return blurred
@@ -307,9 +331,10 @@ def _numpy_kernels(workers: int):
 
 def _cupy_kernels(cupy: Any):
     ratio = cupy.ElementwiseKernel(
-        "T image, T background, T floor",
+        "I image, T background, T floor, T image_scale",
         "T blurred",
-        "T d = blurred + background; blurred = image / (d > floor ? d : floor)",
+        "T y = (T)image * image_scale; y = y > (T)0 ? y : (T)0; T d = blurred + background;"
+        " blurred = y / (d > floor ? d : floor)",
         "microdecon_rl_ratio",
     )
     update = cupy.ElementwiseKernel(
@@ -374,8 +399,8 @@ def _cupy_kernels(cupy: Any):
         "C otf", "C spectrum", "spectrum = spectrum * conj(otf)", "microdecon_multiply_conj"
     )
 
-    def rl_ratio(image, blurred, background, floor):
-        return ratio(image, background, floor, blurred)
+    def rl_ratio(image, blurred, background, floor, image_scale=1.0):
+        return ratio(image, background, floor, cupy.float32(image_scale), blurred)
 
     def rl_update(estimate, correction, normalization, out, also=None):
         if normalization is None:
@@ -474,7 +499,8 @@ class Backend:
 
     # ---- moving data ----------------------------------------------------------------------
     def asarray(self, array: Any, dtype: Any = np.float32):
-        """A ``dtype`` array on this device; copies only when the input is elsewhere or another type."""
+        """A ``dtype`` array on this device (``dtype=None``: the input's own); copies only when the
+        input is elsewhere or of another type."""
         if self.name == "gpu":
             return self.xp.asarray(array, dtype=dtype)
         if is_device_array(array):
@@ -539,7 +565,7 @@ class Backend:
             return _FFTWPlan(_pyfftw(), shape, threads=cpu_count())
         if self.name == "gpu":
             return _ScipyStylePlan(self._fft_module, shape, workers=None)
-        return _ScipyStylePlan(self._fft_module, shape, workers=cpu_count())
+        return _ScipyStylePlan(self._fft_module, shape, workers=cpu_count(), by_stages=True)
 
     def next_fast_len(self, n: int) -> int:
         """Smallest length >= n that the FFT library transforms fast.

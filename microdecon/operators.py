@@ -253,13 +253,14 @@ class Convolution:
             return self._work
         return self.backend.empty(self.fft_shape)
 
-    def _zero_outside_image(self, grid) -> None:
+    def fill_outside_image(self, grid, value: float = 0.0) -> None:
+        """Set every FFT-grid voxel outside the image's window to ``value``, in place."""
         if self.boundary == "periodic":
             return
         ndim = grid.ndim
         for axis, window in enumerate(self.image_slices):
-            grid[_along(axis, ndim, slice(0, window.start))] = 0
-            grid[_along(axis, ndim, slice(window.stop, None))] = 0
+            grid[_along(axis, ndim, slice(0, window.start))] = value
+            grid[_along(axis, ndim, slice(window.stop, None))] = value
 
     def _mirror_extend(self, x, grid):
         """grid <- x mirrored past the image edges over the extent, zero beyond (reflect mode)."""
@@ -282,14 +283,19 @@ class Convolution:
 
     # ---- the operator -----------------------------------------------------------------------
     def staging_buffer(self):
-        """The FFT's own input buffer, when writing ``x`` there first saves :meth:`forward` a copy.
+        """Where to write the next :meth:`forward` input so that the transform needs no copy of it.
 
-        None when there is nothing to save (the FFT reads ``x`` where it is, or the boundary
-        extends ``x`` on its way in).
+        The FFT's own input buffer (FFTW), or the operator's spent scratch grid (scipy.fft, CuPy),
+        which the transform then releases: no grid-sized array of the caller's is kept alive.
+        Valid until the next transform; None for "reflect", whose input is extended on its way in.
         """
-        if self.plan.reuses_buffers and self.boundary != "reflect":
+        if self.boundary == "reflect":
+            return None
+        if self.plan.reuses_buffers:
             return self.plan.real
-        return None
+        if self._work is None:
+            self._work = self.backend.empty(self.fft_shape)
+        return self._work
 
     def forward(self, x, *, staged: bool = False):
         """Blur an object-shaped array; returns the image-shaped result.
@@ -300,7 +306,7 @@ class Convolution:
         """
         be = self.backend
         if staged:
-            source = self.plan.real
+            source = self.staging_buffer()
         else:
             if tuple(x.shape) != self.object_shape:
                 raise ValueError(f"x must have the object shape {self.object_shape}, got {tuple(x.shape)}")
@@ -326,7 +332,7 @@ class Convolution:
                 raise ValueError(f"y must have the image shape {self.image_shape}, got {tuple(y.shape)}")
             grid = self._grid_buffer()
             grid[self.image_slices] = y
-        self._zero_outside_image(grid)
+        self.fill_outside_image(grid)
         spectrum = self.plan.forward(grid)
         del grid
         self._work = None
@@ -390,7 +396,8 @@ class Convolution:
 
     def adjoint_of_ones(self):
         """``H^T 1``: how much of each object voxel's light the image sees (RL's normalization)."""
-        ones = self.backend.xp.ones(self.image_shape, dtype=np.float32)
+        xp = self.backend.xp
+        ones = xp.broadcast_to(xp.ones((1,) * len(self.image_shape), dtype=np.float32), self.image_shape)
         result = self.adjoint(ones)
         if self.plan.reuses_buffers or self.boundary == "reflect":  # scratch, or a view into it
             return self.backend.xp.array(result, copy=True)

@@ -305,4 +305,7 @@ def test_fftw_and_scipy_paths_agree(problem_3d, boundary, accelerate):
     finally:
         md._backend.set_cpu_fft("auto")
     scale = float(results["pocketfft"].max())
-    assert np.abs(results["fftw"] - results["pocketfft"]).max() < 1e-4 * scale
+    # float32 rounding differs between the libraries; the bfloat16 step history can round such
+    # differences either way, so the accelerated runs agree a little less closely
+    tolerance = 1e-3 if accelerate else 1e-4
+    assert np.abs(results["fftw"] - results["pocketfft"]).max() < tolerance * scale

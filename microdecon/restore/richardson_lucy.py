@@ -126,20 +126,19 @@ class _RichardsonLucy:
         be: Backend = op.backend
         xp = be.xp
         self.op, self.be, self.xp = op, be, xp
-        # A fresh float32 copy on the device, clipped at zero: the caller's array is never touched.
-        self.data = be.working_copy(image)
-        xp.maximum(self.data, 0, out=self.data)
-        if isinstance(background, float):
-            self.background = np.float32(background)
-            level = background
-        else:
-            self.background = be.asarray(background)
-            level = float(self.background.max())
+        # The data stay as the caller gave them (on the device, in their own dtype): the ratio
+        # kernel clips, converts and scales them on the fly, so no float32 copy is made and the
+        # caller's array is never written.
+        self.image = be.asarray(image, dtype=None)
+        level = background if isinstance(background, float) else float(background.max())
         # RL is scale-equivariant; working at unit scale keeps float32 sums and dot products far
         # from overflow (1e30 counts) and underflow alike. The result is scaled back at the end.
-        self.scale = max(float(self.data.max()), level) or 1.0
-        self.data /= np.float32(self.scale)  # a division: 1 / scale may not fit in float32
-        self.background = self.background / np.float32(self.scale)
+        self.scale = max(float(self.image.max()), level, 1e-30)
+        self.image_scale = np.float32(1 / self.scale)
+        if isinstance(background, float):
+            self.background = np.float32(background / self.scale)
+        else:
+            self.background = be.asarray(background) / np.float32(self.scale)
         # Denominators below this are noise: a floor stops 0/0 and blow-ups in empty regions.
         self.floor = np.float32(1e-6)
         # H^T 1, the fraction of each voxel's light that the image sees; the update divides by
@@ -155,9 +154,6 @@ class _RichardsonLucy:
             xp.reciprocal(visible, out=visible)
             visible *= self.support
             self.normalization = visible
-        signal = self.data - self.background
-        self.flux = float(xp.maximum(signal, 0, out=signal).mean())
-        del signal
 
     def initial_estimate(self):
         """The observed image less background, mixed with 5% of its mean so that no voxel starts
@@ -165,20 +161,23 @@ class _RichardsonLucy:
         that "non-circulant" adds around the image."""
         xp = self.xp
         x = self.be.empty(self.op.object_shape)
-        x[...] = np.float32(self.flux)
+        inside = self.op.restrict(x)
+        xp.multiply(self.image, self.image_scale, out=inside)
+        inside -= self.background
+        xp.maximum(inside, 0, out=inside)
+        flux = float(inside.mean())
+        inside *= np.float32(1 - INITIAL_FLAT_FRACTION)
+        inside += np.float32(INITIAL_FLAT_FRACTION * flux)
+        if self.op.object_shape != self.op.image_shape:  # "non-circulant": the margin
+            self.op.fill_outside_image(x, flux)
         if self.support is not None:
             x *= self.support
-        inside = self.op.restrict(x)
-        xp.subtract(self.data, self.background, out=inside)
-        xp.maximum(inside, 0, out=inside)
-        inside *= np.float32(1 - INITIAL_FLAT_FRACTION)
-        inside += np.float32(INITIAL_FLAT_FRACTION * self.flux)
         return x
 
     def correction(self, estimate, staged: bool = False):
         """``H^T (y / (H x + b))``, the RL correction before normalization (scratch memory)."""
         blurred = self.op.forward(estimate, staged=staged)
-        self.be.rl_ratio(self.data, blurred, self.background, self.floor)
+        self.be.rl_ratio(self.image, blurred, self.background, self.floor, self.image_scale)
         return self.op.adjoint()  # the ratio was written in place into the forward's output
 
     def run(self, num_iter: int, *, accelerate: bool, progress: bool, callback):
@@ -195,22 +194,21 @@ class _RichardsonLucy:
             update_prev = be.empty(current.shape, np.uint16)
         alpha = 0.0
         have_update = False
-        # Where the FFT has an input buffer of its own, each step writes its result there too,
-        # which spares the transform a copy, and the predicted point needs no array of its own.
-        stage = self.op.staging_buffer()
-        staged = stage is not None
+        # Each step also writes its result where the next transform reads (the FFT's own buffer,
+        # or spent scratch): that spares a copy, and the predicted point needs no array of its own.
+        staged = self.op.staging_buffer() is not None
         if staged and not accelerate:
-            be.copy(stage, current)
+            be.copy(self.op.staging_buffer(), current)
         with tqdm(total=num_iter, desc="Richardson-Lucy", disable=not progress, leave=False) as bar:
             for iteration in range(1, num_iter + 1):
                 if not accelerate:
                     correction = self.correction(current, staged)
-                    last = iteration == num_iter
-                    be.rl_update(current, correction, self.normalization, current, None if last else stage)
+                    stage = self.op.staging_buffer() if staged and iteration < num_iter else None
+                    be.rl_update(current, correction, self.normalization, current, stage)
                 else:
                     known_step = step if have_update else None
                     if staged:
-                        be.predict(current, known_step, alpha, stage)
+                        be.predict(current, known_step, alpha, self.op.staging_buffer())
                         correction = self.correction(None, staged=True)
                     else:
                         correction = self.correction(
@@ -226,6 +224,8 @@ class _RichardsonLucy:
                 bar.update()
                 if callback is not None and callback(iteration, self.in_image_units(current)):
                     break
+        if accelerate:
+            del step, update_prev  # before the result is made: lower peak memory
         return self.in_image_units(current)
 
     def in_image_units(self, estimate):
