@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import importlib
 import os
-import sys
 import threading
 from typing import Any
 
@@ -189,34 +188,34 @@ class _Slabs:
         return list(self._pool.map(fn, slabs))
 
 
-def to_bfloat16(values: np.ndarray) -> np.ndarray:
+def to_bfloat16(values: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """float32 -> bfloat16 bits (uint16): the upper half of each float, i.e. rounding toward zero.
 
-    Float32's range with 2-3 significant digits: enough for dot products that only steer the
-    extrapolation, at half the memory, and a plain copy rather than a conversion (float16
-    conversions cost three times as much, and small updates would fall into its subnormals).
+    Float32's range with 2-3 significant digits: enough for the extrapolation's dot products and
+    step, at half the memory. A shift, not a conversion: float16 costs three times as much, and
+    small updates would fall into its subnormals.
     """
-    if sys.byteorder != "little":  # pragma: no cover - no big-endian machine runs this
-        return (values.view(np.uint32) >> 16).astype(np.uint16)
-    return values.view(np.uint16)[..., 1::2]
+    if out is None:
+        out = np.empty(values.shape, np.uint16)
+    np.right_shift(values.view(np.uint32), 16, out=out, casting="unsafe")
+    return out
 
 
 def from_bfloat16(bits: np.ndarray) -> np.ndarray:
     """bfloat16 bits (uint16) -> float32."""
-    out = np.zeros(bits.shape, np.float32)
-    if sys.byteorder != "little":  # pragma: no cover
-        return (bits.astype(np.uint32) << 16).view(np.float32)
-    out.view(np.uint16)[..., 1::2] = bits
-    return out
+    out = np.empty(bits.shape, np.uint32)
+    np.left_shift(bits, 16, out=out, dtype=np.uint32)
+    return out.view(np.float32)
 
 
 def _numpy_kernels(workers: int):
     slabs = _Slabs(workers)
 
-    def rl_ratio(image, blurred, background, floor, image_scale=1.0):
+    def rl_ratio(image, blurred, background, floor, image_scale=1.0, clip_image=True):
         """blurred <- max(image, 0) * image_scale / max(blurred + background, floor), in place.
 
-        ``image`` may have any real dtype: each slab is converted as it is read.
+        ``image`` may have any real dtype: each slab is converted as it is read. ``clip_image``
+        False skips the max with 0 for images known to be non-negative.
         """
         if isinstance(background, np.ndarray) and background.ndim:
             background = np.broadcast_to(background, image.shape)
@@ -228,7 +227,8 @@ def _numpy_kernels(workers: int):
             )
             np.maximum(denominator, floor, out=denominator)
             numerator = np.multiply(image[s], image_scale, dtype=np.float32)
-            np.maximum(numerator, 0, out=numerator)
+            if clip_image:
+                np.maximum(numerator, 0, out=numerator)
             np.divide(numerator, denominator, out=blurred[s])
 
         slabs.map(slab, image)
@@ -278,7 +278,8 @@ def _numpy_kernels(workers: int):
         """One accelerated RL step after the correction, in one pass over the data.
 
         With y = max(x + alpha h, 0) recomputed from ``current`` (x) and ``step`` (h, or None):
-        new = max(y * correction * normalization, 0) replaces ``current``; the RL update
+        new = y * correction * normalization replaces ``current`` (not clipped: it is >= 0 up to
+        FFT rounding, and the next prediction clips); the RL update
         g = new - y replaces ``update_prev`` and new - x replaces ``step`` (both bfloat16 bits,
         see :func:`to_bfloat16`). Returns <g, g_prev> and <g_prev, g_prev>, from before.
         """
@@ -286,20 +287,19 @@ def _numpy_kernels(workers: int):
 
         def slab(s):
             predicted = _predicted(current, step if have_prev else None, alpha, s)
+            # No clip at zero here: predicted >= 0 and the correction is >= 0 up to FFT rounding
+            # (~1e-7); the next prediction and the final result clip, which saves a pass.
             new = correction[s] * predicted
             if normalization is not None:
                 new *= normalization[s]
-            np.maximum(new, 0, out=new)
-            predicted -= new  # -g
+            update = np.subtract(new, predicted, out=predicted)  # g
             cross = norm = 0.0
             if have_prev:
                 previous = from_bfloat16(update_prev[s])
-                cross = -float(np.dot(predicted.ravel(), previous.ravel()))
+                cross = float(np.dot(update.ravel(), previous.ravel()))
                 norm = float(np.dot(previous.ravel(), previous.ravel()))
-            np.negative(predicted, out=predicted)
-            update_prev[s] = to_bfloat16(predicted)
-            predicted = np.subtract(new, current[s], out=predicted)  # the step h_{k+1}
-            step[s] = to_bfloat16(predicted)
+            to_bfloat16(update, out=update_prev[s])
+            to_bfloat16(np.subtract(new, current[s], out=update), out=step[s])  # h_{k+1}
             current[s] = new
             return cross, norm
 
@@ -367,7 +367,6 @@ def _cupy_kernels(cupy: Any):
         predicted_point
         + """
         T v = y * correction * normalization;
-        v = v > (T)0 ? v : (T)0;
         correction = v - y;
         step = (unsigned short)(__float_as_uint(v - current) >> 16);
         current = v;
@@ -399,8 +398,8 @@ def _cupy_kernels(cupy: Any):
         "C otf", "C spectrum", "spectrum = spectrum * conj(otf)", "microdecon_multiply_conj"
     )
 
-    def rl_ratio(image, blurred, background, floor, image_scale=1.0):
-        return ratio(image, background, floor, cupy.float32(image_scale), blurred)
+    def rl_ratio(image, blurred, background, floor, image_scale=1.0, clip_image=True):
+        return ratio(image, background, floor, cupy.float32(image_scale), blurred)  # the clip is free here
 
     def rl_update(estimate, correction, normalization, out, also=None):
         if normalization is None:

@@ -130,6 +130,7 @@ class _RichardsonLucy:
         # kernel clips, converts and scales them on the fly, so no float32 copy is made and the
         # caller's array is never written.
         self.image = be.asarray(image, dtype=None)
+        self.image_has_negatives = self.image.dtype.kind != "u" and float(self.image.min()) < 0
         level = background if isinstance(background, float) else float(background.max())
         # RL is scale-equivariant; working at unit scale keeps float32 sums and dot products far
         # from overflow (1e30 counts) and underflow alike. The result is scaled back at the end.
@@ -177,7 +178,9 @@ class _RichardsonLucy:
     def correction(self, estimate, staged: bool = False):
         """``H^T (y / (H x + b))``, the RL correction before normalization (scratch memory)."""
         blurred = self.op.forward(estimate, staged=staged)
-        self.be.rl_ratio(self.image, blurred, self.background, self.floor, self.image_scale)
+        self.be.rl_ratio(
+            self.image, blurred, self.background, self.floor, self.image_scale, self.image_has_negatives
+        )
         return self.op.adjoint()  # the ratio was written in place into the forward's output
 
     def run(self, num_iter: int, *, accelerate: bool, progress: bool, callback):
@@ -229,8 +232,9 @@ class _RichardsonLucy:
         return self.in_image_units(current)
 
     def in_image_units(self, estimate):
-        """The image-shaped part of an estimate, scaled back to the image's units (a new array)."""
-        return self.op.restrict(estimate) * np.float32(self.scale)
+        """The image-shaped part of an estimate in the image's units, clipped at zero (a new array)."""
+        result = self.op.restrict(estimate) * np.float32(self.scale)
+        return self.xp.maximum(result, 0, out=result)
 
 
 def _extrapolation_weight(cross: float, norm: float) -> float:
