@@ -115,6 +115,46 @@ class _ScipyStylePlan:
         )
 
 
+_WISDOM = {"loaded": False}
+
+
+def _wisdom_path():
+    from pathlib import Path
+
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "microdecon" / "fftw-wisdom.pickle"
+
+
+def _load_wisdom(pyfftw: Any) -> None:
+    """Import the FFTW plans measured by earlier processes (once per process; best effort)."""
+    if _WISDOM["loaded"]:
+        return
+    _WISDOM["loaded"] = True
+    try:
+        import pickle
+
+        with open(_wisdom_path(), "rb") as stored:
+            pyfftw.import_wisdom(pickle.load(stored))
+    except Exception:  # no cache yet, another FFTW version, a read-only home: plan afresh
+        pass
+
+
+def _save_wisdom(pyfftw: Any) -> None:
+    """Keep what FFTW measured for the next process (atomic; silently skipped when unwritable)."""
+    try:
+        import pickle
+        import tempfile
+
+        path = _wisdom_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".part")
+        with os.fdopen(handle, "wb") as out:
+            pickle.dump(pyfftw.export_wisdom(), out)
+        os.replace(temporary, path)
+    except Exception:
+        pass
+
+
 class _FFTWPlan:
     """Real FFTs through pyFFTW with plans measured once per shape and reused.
 
@@ -127,6 +167,10 @@ class _FFTWPlan:
     reuses_buffers = True
 
     def __init__(self, pyfftw: Any, shape: tuple[int, ...], threads: int):
+        import time
+
+        _load_wisdom(pyfftw)
+        started = time.perf_counter()
         self.shape = shape
         spectral = shape[:-1] + (shape[-1] // 2 + 1,)
         self.spectrum = pyfftw.empty_aligned(spectral, dtype=np.complex64)
@@ -139,6 +183,8 @@ class _FFTWPlan:
         self._inverse = pyfftw.FFTW(
             self.spectrum, self.real, axes=axes, direction="FFTW_BACKWARD", flags=flags, threads=threads
         )
+        if time.perf_counter() - started > 0.1:  # FFTW measured something new: keep it
+            _save_wisdom(pyfftw)
 
     def forward(self, real):
         if real is not self.real:

@@ -34,3 +34,17 @@ def psnr(truth, estimate):
     estimate = np.asarray(to_numpy(estimate), np.float64)
     mse = np.mean((truth - estimate) ** 2)
     return 10 * np.log10((truth.max() - truth.min()) ** 2 / mse)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_fftw_wisdom(tmp_path_factory):
+    """Keep the FFTW wisdom the tests measure out of the user's cache folder."""
+    import os
+
+    previous = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if previous is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = previous

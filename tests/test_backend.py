@@ -200,3 +200,24 @@ def test_import_does_not_load_cupy_or_dask():
     code = "import sys, microdecon; print('cupy' in sys.modules, 'dask' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+@pytest.mark.skipif(_backend._pyfftw() is None, reason="needs pyFFTW")
+def test_fftw_wisdom_is_kept_for_the_next_process():
+    import pickle
+    import subprocess
+    import sys
+
+    plan = (
+        "from microdecon._backend import Backend; Backend('cpu', fft_library='fftw').fft_plan((48, 60, 62))"
+    )
+    subprocess.run([sys.executable, "-c", plan], check=True)
+    with open(_backend._wisdom_path(), "rb") as stored:
+        saved = pickle.load(stored)
+    assert saved[1]  # single-precision plans were measured and stored
+    load = (
+        "import pyfftw; from microdecon import _backend; _backend._load_wisdom(pyfftw);"
+        "print(pyfftw.export_wisdom()[1].decode())"
+    )
+    loaded = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True, check=True).stdout
+    assert set(saved[1].decode().split("\n")) <= set(loaded.split("\n"))  # FFTW may reorder entries
