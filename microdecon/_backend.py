@@ -115,6 +115,88 @@ class _ScipyStylePlan:
         )
 
 
+class _InPlaceRealPlan:
+    """Real FFTs with scipy.fft, in place in one buffer, for an even last axis.
+
+    scipy.fft has no in-place real transform and no ``out=``: each call would allocate its
+    output, and on large grids the allocator then holds on to several grids' worth of freed
+    memory. Here the real grid is a view into the (padded) spectrum buffer, as with FFTW: a row
+    of n reals is read as n/2 complex numbers, transformed in place by a half-length complex
+    FFT, and untangled in place into the n/2 + 1 coefficients of the real FFT (the classic
+    even/odd split); the leading axes then get complex FFTs in place. The inverse runs the same
+    steps backwards. Both directions are unnormalized; ``reuses_buffers`` is True.
+    """
+
+    reuses_buffers = True
+
+    def __init__(self, fft_module: Any, shape: tuple[int, ...], workers: int, slabs: _Slabs):
+        n = shape[-1]
+        if n % 2:
+            raise ValueError("the in-place real FFT needs an even last axis")
+        half = n // 2
+        self.shape = shape
+        self.spectrum = np.empty(shape[:-1] + (half + 1,), np.complex64)
+        self.real = self.spectrum.view(np.float32)[..., :n]
+        self._twiddle = np.exp(-2j * np.pi * np.arange(half) / n).astype(np.complex64)  # W_n^k
+        self._leading = tuple(range(len(shape) - 1))
+        self._fft = fft_module
+        self._workers = workers
+        self._slabs = slabs
+
+    def forward(self, real):
+        if real is not self.real:
+            self.real[...] = real
+        spectrum, half = self.spectrum, self.spectrum.shape[-1] - 1
+        self._fft.fft(spectrum[..., :half], axis=-1, overwrite_x=True, workers=self._workers)
+        twiddle = self._twiddle * np.complex64(-0.5j)
+
+        def untangle(s):
+            # X[k] = E[k] + W^k O[k], with E, O = (Z[k] +- conj Z[half - k]) / 2 (and / i for O)
+            z = spectrum[s]
+            head = z[..., :half].copy()
+            mirror = np.empty_like(head)
+            mirror[..., 0] = head[..., 0]
+            mirror[..., 1:] = head[..., :0:-1]
+            np.conjugate(mirror, out=mirror)
+            odd = head - mirror
+            odd *= twiddle
+            head += mirror
+            head *= np.float32(0.5)
+            head += odd
+            z[..., half] = z[..., 0].real - z[..., 0].imag
+            z[..., :half] = head
+
+        self._slabs.map(untangle, spectrum)
+        if self._leading:
+            self._fft.fftn(spectrum, axes=self._leading, overwrite_x=True, workers=self._workers)
+        return spectrum
+
+    def inverse(self, spectrum):
+        if spectrum is not self.spectrum:
+            self.spectrum[...] = spectrum
+        spectrum, half = self.spectrum, self.spectrum.shape[-1] - 1
+        if self._leading:
+            self._fft.ifftn(
+                spectrum, axes=self._leading, norm="forward", overwrite_x=True, workers=self._workers
+            )
+        twiddle = np.conj(self._twiddle) * np.complex64(1j)
+
+        def tangle(s):
+            # Z[k] = E[k] + i O[k], with E, O from X[k] and conj X[half - k]; scaled by 2 so that
+            # the half-length inverse gives n times the signal, like every unnormalized inverse
+            x = spectrum[s]
+            mirror = np.conj(x[..., half:0:-1])
+            head = x[..., :half] - mirror
+            head *= twiddle
+            head += x[..., :half]
+            head += mirror
+            x[..., :half] = head
+
+        self._slabs.map(tangle, spectrum)
+        self._fft.ifft(spectrum[..., :half], axis=-1, norm="forward", overwrite_x=True, workers=self._workers)
+        return self.real
+
+
 _WISDOM = {"loaded": False}
 
 
@@ -254,8 +336,7 @@ def from_bfloat16(bits: np.ndarray) -> np.ndarray:
     return out.view(np.float32)
 
 
-def _numpy_kernels(workers: int):
-    slabs = _Slabs(workers)
+def _numpy_kernels(slabs: _Slabs):
 
     def rl_ratio(image, blurred, background, floor, image_scale=1.0, clip_image=True):
         """blurred <- max(image, 0) * image_scale / max(blurred + background, floor), in place.
@@ -525,7 +606,8 @@ class Backend:
                 fft_library = "fftw" if _pyfftw() is not None else "pocketfft"
             self.fft_library = fft_library
             self._fft_module = importlib.import_module("scipy.fft")
-            kernels = _numpy_kernels(cpu_count())
+            self._slabs = _Slabs(cpu_count())
+            kernels = _numpy_kernels(self._slabs)
         for kernel_name, kernel in kernels.items():
             setattr(self, kernel_name, kernel)
 
@@ -610,16 +692,22 @@ class Backend:
             return _FFTWPlan(_pyfftw(), shape, threads=cpu_count())
         if self.name == "gpu":
             return _ScipyStylePlan(self._fft_module, shape, workers=None)
+        if shape[-1] % 2 == 0:
+            return _InPlaceRealPlan(self._fft_module, shape, cpu_count(), self._slabs)
         return _ScipyStylePlan(self._fft_module, shape, workers=cpu_count(), by_stages=True)
 
-    def next_fast_len(self, n: int) -> int:
-        """Smallest length >= n that the FFT library transforms fast.
+    def next_fast_len(self, n: int, *, even: bool = False) -> int:
+        """Smallest length >= n that the FFT library transforms fast (and even, if asked).
 
-        Real-input lengths of 2^a 3^b 5^c: fast in pocketfft, FFTW and cuFFT alike.
+        Real-input lengths of 2^a 3^b 5^c: fast in pocketfft, FFTW and cuFFT alike. An even last
+        axis lets the CPU transform in place.
         """
         import scipy.fft
 
-        return int(scipy.fft.next_fast_len(int(n), real=True))
+        length = int(scipy.fft.next_fast_len(int(n), real=True))
+        while even and length % 2:
+            length = int(scipy.fft.next_fast_len(length + 1, real=True))
+        return length
 
 
 _DEVICE_HELP = "device must be 'auto', 'cpu', 'gpu' or 'gpu:N' (N a CUDA device number)"

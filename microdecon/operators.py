@@ -213,8 +213,10 @@ class Convolution:
         else:
             # The blur reaches (p - 1 - p // 2) pixels to one side and p // 2 to the other: an FFT
             # grid of n + p - 1 holds the image and all the object that can reach it, without wrap.
+            last = len(self.image_shape) - 1
             fft_shape = tuple(
-                self.backend.next_fast_len(n + p - 1) for n, p in zip(self.image_shape, self.psf_shape)
+                self.backend.next_fast_len(n + p - 1, even=axis == last)
+                for axis, (n, p) in enumerate(zip(self.image_shape, self.psf_shape))
             )
             left = tuple(p - 1 - p // 2 for p in self.psf_shape)
         self.fft_shape = fft_shape

@@ -37,7 +37,7 @@ def test_gpu_request_without_gpu_is_a_clear_error():
 
 
 @pytest.mark.parametrize("library", fft_libraries())
-@pytest.mark.parametrize("shape", [(30,), (12, 15), (6, 10, 9)])
+@pytest.mark.parametrize("shape", [(30,), (31,), (12, 15), (12, 16), (6, 10, 9), (6, 10, 8)])
 def test_fft_plan_is_unnormalized_roundtrip(library, shape):
     backend = Backend("cpu", fft_library=library)
     plan = backend.fft_plan(shape)
