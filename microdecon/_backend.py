@@ -137,7 +137,13 @@ class _InPlaceRealPlan:
         self.shape = shape
         self.spectrum = np.empty(shape[:-1] + (half + 1,), np.complex64)
         self.real = self.spectrum.view(np.float32)[..., :n]
-        self._twiddle = np.exp(-2j * np.pi * np.arange(half) / n).astype(np.complex64)  # W_n^k
+        twiddle = np.exp(-2j * np.pi * np.arange(half) / n)  # W_n^k
+        # X[k] = a Z[k] + b conj Z[half - k] untangles the half-length FFT Z; its inverse is
+        # Z[k] = c X[k] + d conj X[half - k] (times 2: an unnormalized inverse gives n x)
+        self._a = (0.5 * (1 - 1j * twiddle)).astype(np.complex64)
+        self._b = (0.5 * (1 + 1j * twiddle)).astype(np.complex64)
+        self._c = (1 + 1j * np.conj(twiddle)).astype(np.complex64)
+        self._d = (1 - 1j * np.conj(twiddle)).astype(np.complex64)
         self._leading = tuple(range(len(shape) - 1))
         self._fft = fft_module
         self._workers = workers
@@ -148,23 +154,19 @@ class _InPlaceRealPlan:
             self.real[...] = real
         spectrum, half = self.spectrum, self.spectrum.shape[-1] - 1
         self._fft.fft(spectrum[..., :half], axis=-1, overwrite_x=True, workers=self._workers)
-        twiddle = self._twiddle * np.complex64(-0.5j)
+        a, b = self._a, self._b
 
         def untangle(s):
-            # X[k] = E[k] + W^k O[k], with E, O = (Z[k] +- conj Z[half - k]) / 2 (and / i for O)
             z = spectrum[s]
-            head = z[..., :half].copy()
-            mirror = np.empty_like(head)
-            mirror[..., 0] = head[..., 0]
-            mirror[..., 1:] = head[..., :0:-1]
+            mirror = np.empty(z.shape[:-1] + (half,), np.complex64)
+            mirror[..., 0] = z[..., 0]
+            mirror[..., 1:] = z[..., half - 1 : 0 : -1]
             np.conjugate(mirror, out=mirror)
-            odd = head - mirror
-            odd *= twiddle
-            head += mirror
-            head *= np.float32(0.5)
-            head += odd
+            mirror *= b
             z[..., half] = z[..., 0].real - z[..., 0].imag
-            z[..., :half] = head
+            head = z[..., :half]
+            head *= a
+            head += mirror
 
         self._slabs.map(untangle, spectrum)
         if self._leading:
@@ -179,18 +181,15 @@ class _InPlaceRealPlan:
             self._fft.ifftn(
                 spectrum, axes=self._leading, norm="forward", overwrite_x=True, workers=self._workers
             )
-        twiddle = np.conj(self._twiddle) * np.complex64(1j)
+        c, d = self._c, self._d
 
         def tangle(s):
-            # Z[k] = E[k] + i O[k], with E, O from X[k] and conj X[half - k]; scaled by 2 so that
-            # the half-length inverse gives n times the signal, like every unnormalized inverse
             x = spectrum[s]
             mirror = np.conj(x[..., half:0:-1])
-            head = x[..., :half] - mirror
-            head *= twiddle
-            head += x[..., :half]
+            mirror *= d
+            head = x[..., :half]
+            head *= c
             head += mirror
-            x[..., :half] = head
 
         self._slabs.map(tangle, spectrum)
         self._fft.ifft(spectrum[..., :half], axis=-1, norm="forward", overwrite_x=True, workers=self._workers)
