@@ -442,11 +442,9 @@ def _numpy_kernels(slabs: _Slabs):
         slabs.map(slab, spectrum)
         return spectrum
 
-    def copy(destination, source, also=None):
+    def copy(destination, source):
         def slab(s):
             destination[s] = source[s]
-            if also is not None:
-                also[s] = source[s]
 
         slabs.map(slab, source)
         return destination
@@ -557,10 +555,8 @@ def _cupy_kernels(cupy: Any):
         spectrum *= otf
         return spectrum
 
-    def copy(destination, source, also=None):
+    def copy(destination, source):
         destination[...] = source
-        if also is not None:
-            also[...] = source
         return destination
 
     kernels = locals()
@@ -632,20 +628,6 @@ class Backend:
         if is_device_array(array):
             array = array.get()
         return np.asarray(array, dtype=dtype)
-
-    def working_copy(self, array: Any, dtype: Any = np.float32):
-        """A ``dtype`` copy on this device that shares no memory with ``array`` (one copy at most).
-
-        Needed wherever an algorithm writes into its data: ``asarray`` alone may hand back the
-        caller's memory (a float32 array, a view, or an ``np.memmap`` of a file).
-        """
-        out = self.asarray(array, dtype=dtype)
-        if out is array:
-            return out.copy()
-        same_place = is_device_array(array) == (self.name == "gpu")
-        if same_place and hasattr(array, "shape") and array_module(array).may_share_memory(out, array):
-            return out.copy()
-        return out
 
     def to_host(self, array: Any) -> np.ndarray:
         """The array as NumPy (one device-to-host copy on the GPU)."""
