@@ -455,10 +455,10 @@ def _numpy_kernels(slabs: _Slabs):
 
 def _cupy_kernels(cupy: Any):
     ratio = cupy.ElementwiseKernel(
-        "I image, T background, T floor, T image_scale",
+        "I image, T background, T floor_value, T image_scale",
         "T blurred",
         "T y = (T)image * image_scale; y = y > (T)0 ? y : (T)0; T d = blurred + background;"
-        " blurred = y / (d > floor ? d : floor)",
+        " blurred = y / (d > floor_value ? d : floor_value)",
         "microdecon_rl_ratio",
     )
     update = cupy.ElementwiseKernel(
@@ -506,10 +506,12 @@ def _cupy_kernels(cupy: Any):
         "0",
         "microdecon_dot_bfloat16",
     )
+    # Two inputs (the same array twice): CuPy's CUB path for one-input reductions renames the
+    # input by plain text substitution, which would mangle any other word containing its name.
     square = cupy.ReductionKernel(
-        "uint16 b",
+        "uint16 p, uint16 q",
         "float64 y",
-        "(double)__uint_as_float(((unsigned int)b) << 16) * (double)__uint_as_float(((unsigned int)b) << 16)",
+        "(double)__uint_as_float(((unsigned int)p) << 16) * (double)__uint_as_float(((unsigned int)q) << 16)",
         "a + b",
         "y = a",
         "0",
@@ -545,7 +547,7 @@ def _cupy_kernels(cupy: Any):
         cross = norm = 0.0
         if have_prev:
             cross = float(dot(correction, update_prev))
-            norm = float(square(update_prev))
+            norm = float(square(update_prev, update_prev))
         store(correction, update_prev)
         return cross, norm
 

@@ -66,6 +66,19 @@ def check_array(array: Any, name: str) -> Any:
         raise ValueError(f"{name} must have at least one axis, got a scalar")
     if array.size == 0:
         raise ValueError(f"{name} is empty (shape {tuple(array.shape)})")
+    with _on_its_device(array):
+        _check_values(array, name, dtype)
+    return array
+
+
+def _on_its_device(array: Any):
+    """The array's GPU as the current device (CuPy reductions run there); nothing on the CPU."""
+    import contextlib
+
+    return array.device if is_device_array(array) else contextlib.nullcontext()
+
+
+def _check_values(array: Any, name: str, dtype: np.dtype) -> None:
     if dtype.kind == "f":
         xp = array_module(array)
         # One cheap reduction first; the count of bad values (a full-size mask) only on failure.
@@ -78,7 +91,6 @@ def check_array(array: Any, name: str) -> Any:
                 )
         if dtype.itemsize > 4 and float(xp.abs(array).max()) > _FLOAT32_MAX:
             raise ValueError(f"{name} has values beyond the float32 range (about 3.4e38); rescale it")
-    return array
 
 
 def check_psf(psf: Any, ndim: int, name: str = "psf") -> Any:
@@ -96,13 +108,14 @@ def check_psf(psf: Any, ndim: int, name: str = "psf") -> Any:
         raise ValueError(
             f"{name} has {psf.ndim} axes but the image has {ndim}; give a PSF with one axis per image axis"
         )
-    minimum = float(psf.min())
+    with _on_its_device(psf):
+        minimum, maximum = float(psf.min()), float(psf.max())
     if minimum < 0:
         raise ValueError(
             f"{name} has negative values (min {minimum:.3g}); subtract its background and clip it at "
             "zero first (see microdecon.psf)"
         )
-    if float(psf.max()) <= 0:
+    if maximum <= 0:
         raise ValueError(f"{name} is all zero; it must contain the blur, with a positive sum")
     return psf
 
@@ -152,7 +165,9 @@ def check_background(background: Any, shape: tuple[int, ...]) -> Any:
         raise ValueError(
             f"background of shape {tuple(background.shape)} does not broadcast to the image shape {shape}"
         )
-    if float(background.min()) < 0:
+    with _on_its_device(background):
+        lowest = float(background.min())
+    if lowest < 0:
         raise ValueError("background must be non-negative everywhere")
     return background
 

@@ -19,7 +19,7 @@ def _pair(reference: Any, estimate: Any):
         est = be.asarray(estimate, dtype=np.float64)
     if ref.shape != est.shape:
         raise ValueError(f"reference shape {tuple(ref.shape)} and estimate shape {tuple(est.shape)} differ")
-    return be.xp, ref, est
+    return be, ref, est
 
 
 def psnr(reference: Any, estimate: Any, *, data_range: float | None = None) -> float:
@@ -31,10 +31,11 @@ def psnr(reference: Any, estimate: Any, *, data_range: float | None = None) -> f
     >>> round(psnr(np.array([0.0, 1.0]), np.array([0.0, 0.9])), 2)
     23.01
     """
-    xp, ref, est = _pair(reference, estimate)
-    if data_range is None:
-        data_range = float(ref.max() - ref.min())
-    mse = float(xp.mean((ref - est) ** 2))
+    be, ref, est = _pair(reference, estimate)
+    with be.activate():  # on the arrays' GPU
+        if data_range is None:
+            data_range = float(ref.max() - ref.min())
+        mse = float(be.xp.mean((ref - est) ** 2))
     if mse == 0:
         return float("inf")
     return float(10 * np.log10(data_range**2 / mse))
@@ -49,5 +50,6 @@ def nrmse(reference: Any, estimate: Any) -> float:
     >>> nrmse(np.array([3.0, 4.0]), np.array([3.0, 4.0]))
     0.0
     """
-    xp, ref, est = _pair(reference, estimate)
-    return float(xp.sqrt(xp.mean((ref - est) ** 2) / xp.mean(ref**2)))
+    be, ref, est = _pair(reference, estimate)
+    with be.activate():
+        return float(be.xp.sqrt(be.xp.mean((ref - est) ** 2) / be.xp.mean(ref**2)))

@@ -163,7 +163,7 @@ class _RichardsonLucy:
         xp = self.xp
         x = self.be.empty(self.op.object_shape)
         inside = self.op.restrict(x)
-        xp.multiply(self.image, self.image_scale, out=inside)
+        xp.multiply(self.image, self.image_scale, out=inside, dtype=np.float32)
         inside -= self.background
         xp.maximum(inside, 0, out=inside)
         flux = float(inside.mean())
