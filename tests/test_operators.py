@@ -140,3 +140,32 @@ def test_bad_input_is_named(x, psf, error, match):
 def test_bad_boundary_is_named():
     with pytest.raises(ValueError, match="boundary must be one of"):
         md.convolve(np.ones(5), np.ones(3), boundary="zero", device="cpu")
+
+
+hypothesis = pytest.importorskip("hypothesis")
+st = hypothesis.strategies
+
+
+@hypothesis.settings(max_examples=60, deadline=None)
+@hypothesis.given(
+    data=st.data(),
+    ndim=st.integers(1, 3),
+    boundary=st.sampled_from(BOUNDARIES),
+    library=st.sampled_from([b.fft_library for b in cpu_backends()]),
+)
+def test_adjointness_holds_for_any_shapes(data, ndim, boundary, library):
+    # size-1 axes, prime and even sizes, PSFs longer than the image on some axes
+    shape = tuple(data.draw(st.integers(1, 13)) for _ in range(ndim))
+    psf_shape = tuple(data.draw(st.integers(1, 17)) for _ in range(ndim))
+    seed = data.draw(st.integers(0, 2**16))
+    rng = np.random.default_rng(seed)
+    op = Convolution(
+        rng.random(psf_shape) + 1e-3, shape, boundary=boundary, backend=Backend("cpu", fft_library=library)
+    )
+    x = rng.random(op.object_shape).astype(np.float32)
+    y = rng.random(shape).astype(np.float32)
+    hx = np.array(op.forward(x), dtype=np.float64)
+    hty = np.array(op.adjoint(y), dtype=np.float64)
+    assert hx.shape == shape and hty.shape == op.object_shape
+    lhs, rhs = np.vdot(hx, y), np.vdot(x, hty)
+    assert abs(lhs - rhs) <= 1e-5 * abs(lhs)

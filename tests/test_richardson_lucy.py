@@ -309,3 +309,30 @@ def test_fftw_and_scipy_paths_agree(problem_3d, boundary, accelerate):
     # differences either way, so the accelerated runs agree a little less closely
     tolerance = 1e-3 if accelerate else 1e-4
     assert np.abs(results["fftw"] - results["pocketfft"]).max() < tolerance * scale
+
+
+hypothesis = pytest.importorskip("hypothesis")
+st = hypothesis.strategies
+
+
+@hypothesis.settings(max_examples=40, deadline=None)
+@hypothesis.given(
+    data=st.data(),
+    ndim=st.integers(1, 3),
+    dtype=st.sampled_from([np.uint8, np.uint16, np.int32, np.float16, np.float32, np.float64]),
+    boundary=st.sampled_from(["non-circulant", "periodic", "reflect"]),
+    accelerate=st.booleans(),
+)
+def test_any_shape_and_dtype_gives_a_finite_nonnegative_float32_result(
+    data, ndim, dtype, boundary, accelerate
+):
+    shape = tuple(data.draw(st.integers(1, 11)) for _ in range(ndim))
+    psf_shape = tuple(data.draw(st.integers(1, 9)) for _ in range(ndim))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**16)))
+    image = (rng.random(shape) * 100).astype(dtype)
+    psf = rng.random(psf_shape)
+    out = md.richardson_lucy(image, psf, 4, accelerate=accelerate, boundary=boundary, device="cpu")
+    assert out.shape == shape and out.dtype == np.float32
+    assert np.isfinite(out).all() and out.min() >= 0
+    filtered = md.wiener(image, psf, boundary=boundary, device="cpu")
+    assert filtered.shape == shape and filtered.dtype == np.float32 and np.isfinite(filtered).all()
