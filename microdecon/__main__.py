@@ -1,3 +1,5 @@
+"""``python -m microdecon``: the same as the ``microdecon`` command."""
+
 import sys
 
 from .cli import main

@@ -100,6 +100,12 @@ def phantom(
     -------
     numpy.ndarray
         float32 array of ``shape``.
+
+    Examples
+    --------
+    >>> truth = phantom((64, 64), seed=3, cells=2, filaments=3, beads=10)
+    >>> truth.shape, bool(truth.max() > 0)
+    ((64, 64), True)
     """
     shape = tuple(_validate.check_int(n, "shape", minimum=1) for n in shape)
     if len(shape) not in (2, 3):

@@ -166,6 +166,15 @@ def imwrite(path: str | os.PathLike, array: Any, meta: dict[str, Any] | None = N
         ``axes`` (default "X", "YX", "ZYX", "TZYX", "TZCYX" by dimension), ``spacing`` (micrometres per axis),
         ``provenance`` (a JSON-serializable dict stored in the ImageJ Info field), and any
         other scalar keys (stored as ImageJ properties).
+
+    Examples
+    --------
+    >>> import numpy as np, tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "restored.tif")
+    >>> imwrite(path, np.ones((4, 8, 8), np.float32), {"spacing": (0.2, 0.1, 0.1),
+    ...                                                   "provenance": {"method": "rl"}})
+    >>> imread(path)[1]["provenance"]
+    {'method': 'rl'}
     """
     import tifffile
 

@@ -174,6 +174,19 @@ def discrepancy_balance(
     -------
     float
         Between 1e-7 and 1.
+
+    Examples
+    --------
+    >>> import numpy as np, microdecon as md
+    >>> from microdecon.operators import Convolution
+    >>> rng = np.random.default_rng(0)
+    >>> psf = md.psf.gaussian((15, 15), 2.0)
+    >>> blurred = md.convolve(md.data.phantom((64, 64), seed=1), psf, device="cpu").clip(0)
+    >>> image = (rng.poisson(blurred * 10) / 10).astype(np.float32)
+    >>> op = Convolution(psf, image.shape, boundary="periodic")
+    >>> power = (op.otf / np.float32(op.fft_scale)) ** 2  # a symmetric PSF: real OTF
+    >>> 1e-4 < discrepancy_balance(op.plan.forward(image), power, op.fft_shape, image) < 1e-1
+    True
     """
     n = float(np.prod(fft_shape))
     weighted = (spectrum.real**2 + spectrum.imag**2) * _half_spectrum_weights(fft_shape, xp)
