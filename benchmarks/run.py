@@ -103,9 +103,12 @@ def run_case(case: str, problem: Path, num_iter: int, checkpoints: list[int]) ->
                 out["psnr"][n] = psnr(truth, richardson_lucy(signal, psf, n, clip=False))
         return out
 
-    library = "fftw" if "fftw" in case else "pocketfft"
-    _backend.set_cpu_fft(library)
-    backend = _backend.get_backend(device="cpu")
+    library = _library(case)
+    on_gpu = library == "gpu"
+    if not on_gpu:
+        _backend.set_cpu_fft(library)
+    device = "gpu" if on_gpu else "cpu"
+    backend = _backend.get_backend(device=device)
     accelerate = "accel" in case
     boundary = "reflect" if "reflect" in case else "non-circulant"
 
@@ -117,15 +120,22 @@ def run_case(case: str, problem: Path, num_iter: int, checkpoints: list[int]) ->
             accelerate=accelerate,
             background=BACKGROUND,
             boundary=boundary,
-            device="cpu",
+            device=device,
             callback=callback,
         )
 
     # Memory from the first call, which also makes the FFT plans and their buffers; time from
     # the best of two more, as in a batch job where FFTW has measured its plans once (the
     # machine is shared, so single timings wander by 10-20%).
-    _, cold_seconds, peak = _measure(deconvolve)
-    seconds = min(_measure(deconvolve)[1] for _ in range(2))
+    if on_gpu:
+        # GPU memory: what CuPy's pool had to hold (it keeps its blocks, so this is the peak)
+        pool = backend.xp.get_default_memory_pool()
+        pool.free_all_blocks()
+        _, cold_seconds, _ = _measure(deconvolve)
+        peak = pool.total_bytes()
+    else:
+        _, cold_seconds, peak = _measure(deconvolve)
+    seconds = min(_measure(deconvolve)[1] for _ in range(2))  # NumPy out: includes the transfers
     out.update(seconds=seconds, peak_bytes=peak, cold_seconds=cold_seconds)
     # Quality per iteration, in a second run whose clock leaves out the PSNR computation.
     curve, clock = {}, {}
@@ -141,24 +151,30 @@ def run_case(case: str, problem: Path, num_iter: int, checkpoints: list[int]) ->
     deconvolve(callback)
     out.update(psnr=curve, clock=clock)
 
-    if case.endswith("plain-fftw") or case.endswith("plain-pocketfft"):
+    if case.startswith("rl-plain-"):
         # the floor: the four real FFTs one iteration needs, at the same padded size
         from microdecon.operators import Convolution
 
         op = Convolution(psf, image.shape, boundary=boundary, backend=backend)
         plan = op.plan
         # transform the plan's own buffer where it has one, so no copy is timed
-        x = plan.real if plan.reuses_buffers else np.ones(op.fft_shape, np.float32)
+        x = plan.real if plan.reuses_buffers else backend.xp.ones(op.fft_shape, np.float32)
         x[...] = 1
         timings = []
         for _ in range(5):
+            backend.synchronize()
             start = time.perf_counter()
             plan.inverse(plan.forward(x))
             plan.inverse(plan.forward(x))
+            backend.synchronize()
             timings.append(time.perf_counter() - start)
         out["fft_floor_seconds"] = min(timings)
         out["fft_shape"] = list(op.fft_shape)
     return out
+
+
+def _library(case: str) -> str:
+    return next(name for name in ("gpu", "fftw", "pocketfft") if name in case)
 
 
 def run_in_subprocess(case: str, problem: Path, num_iter: int, checkpoints: list[int]) -> dict:
@@ -204,10 +220,11 @@ def summarize(results: dict, shape, num_iter: int, checkpoints: list[int]) -> st
         + " |",
         "|---|---|---|---|---|" + "---|" * len(checkpoints),
     ]
-    floor = {lib: cases.get(f"rl-plain-{lib}", {}).get("fft_floor_seconds") for lib in ("fftw", "pocketfft")}
+    libraries = ("fftw", "pocketfft", "gpu")
+    floor = {lib: cases.get(f"rl-plain-{lib}", {}).get("fft_floor_seconds") for lib in libraries}
     for name, case in cases.items():
         per_iter = case["seconds"] / num_iter
-        library = "fftw" if "fftw" in name else "pocketfft"
+        library = _library(name) if name != "skimage" else None
         vs_floor = f"{per_iter / floor[library]:.2f}x" if floor.get(library) and name != "skimage" else "-"
         memory = case["peak_bytes"] / case["input_bytes"]
         quality = " | ".join(
@@ -219,7 +236,7 @@ def summarize(results: dict, shape, num_iter: int, checkpoints: list[int]) -> st
             f"{memory:.1f} | {quality} |"
         )
     lines.append("")
-    for lib in ("fftw", "pocketfft"):
+    for lib in libraries:
         plain, accel = cases.get(f"rl-plain-{lib}"), cases.get(f"rl-accel-{lib}")
         if not plain or not accel:
             continue
@@ -237,11 +254,10 @@ def summarize(results: dict, shape, num_iter: int, checkpoints: list[int]) -> st
             f"({accel_time:.2f} s): {plain_time / accel_time:.1f}x sooner. Best accelerated PSNR: "
             f"{max(accel['psnr'].values()):.2f} dB."
         )
-    if floor.get("fftw"):
-        lines.append(
-            f"FFT floor (4 real FFTs at {cases['rl-plain-fftw']['fft_shape']}): "
-            f"FFTW {floor['fftw']:.3f} s, scipy.fft {floor['pocketfft']:.3f} s."
-        )
+    names = {"fftw": "FFTW", "pocketfft": "scipy.fft", "gpu": "cuFFT"}
+    measured = [f"{names[lib]} {floor[lib]:.3f} s" for lib in libraries if floor.get(lib)]
+    shape = cases["rl-plain-pocketfft"]["fft_shape"]
+    lines.append(f"FFT floor (4 real FFTs at {shape}): " + ", ".join(measured) + ".")
     return "\n".join(lines)
 
 
@@ -255,7 +271,12 @@ def machine() -> str:
                     break
     except OSError:
         pass
-    return f"{cpu}, {_backend.cpu_count()} cores, Python {platform.python_version()}, NumPy {np.__version__}"
+    text = f"{cpu}, {_backend.cpu_count()} cores, Python {platform.python_version()}, NumPy {np.__version__}"
+    if _backend.gpu_available():
+        cupy = _backend.array_module(_backend.get_backend(device="gpu").xp.zeros(1))
+        name = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"]
+        text += f", GPU {name.decode() if isinstance(name, bytes) else name} (CuPy {cupy.__version__})"
+    return text
 
 
 def main(argv=None) -> int:
@@ -279,6 +300,8 @@ def main(argv=None) -> int:
     cases = ["skimage", "rl-plain-pocketfft", "rl-accel-pocketfft"]
     if _backend._pyfftw() is not None:
         cases += ["rl-plain-fftw", "rl-accel-fftw", "rl-accel-reflect-fftw"]
+    if _backend.gpu_available():  # on a GPU machine the same command adds the GPU rows
+        cases += ["rl-plain-gpu", "rl-accel-gpu"]
     results = {
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d"),
