@@ -58,3 +58,64 @@ def test_gaussian_rejects_bad_sigma():
         md.psf.gaussian((5, 5), 0.0)
     with pytest.raises(ValueError, match="sigma needs one value per axis"):
         md.psf.gaussian((5, 5), (1.0, 1.0, 1.0))
+
+
+from pathlib import Path  # noqa: E402
+
+from scipy import ndimage  # noqa: E402
+
+LLSM_BEAD = Path(__file__).resolve().parents[2] / "shared" / "data" / "psf_llsm_bead.tif"
+
+
+def test_prepare_recovers_a_shifted_noisy_bead():
+    rng = np.random.default_rng(1)
+    truth = md.psf.gaussian((25, 41, 41), (3.0, 2.0, 2.0)).astype(np.float64)
+    shifted = ndimage.shift(truth, (0.3, -0.4, 0.25), order=3)  # off-centre by a fraction of a voxel
+    bead = rng.poisson(20000 * shifted / shifted.max() + 100).astype(np.uint16)  # camera offset 100
+    psf = md.psf.prepare(bead)
+    assert psf.dtype == np.float32 and abs(float(psf.sum()) - 1) < 1e-5 and psf.min() >= 0
+    assert np.abs(psf - truth).sum() < 0.05 * truth.sum()
+    np.testing.assert_allclose(ndimage.center_of_mass(psf), (12, 20, 20), atol=0.05)
+
+
+def test_prepare_crops_by_shape_and_by_energy():
+    rng = np.random.default_rng(2)
+    bead = rng.poisson(5000 * md.psf.gaussian((31, 45), (2.0, 3.0)) / 0.01 + 50).astype(np.float32)
+    cropped = md.psf.prepare(bead, shape=(15, 21))
+    assert cropped.shape == (15, 21) and np.unravel_index(cropped.argmax(), cropped.shape) == (7, 10)
+    whole = md.psf.prepare(bead)
+    boxed = md.psf.prepare(bead, energy=0.95)
+    assert boxed.shape[0] < 31 and boxed.shape[1] < 45
+    inner = tuple(slice(n // 2 - s // 2, n // 2 - s // 2 + s) for n, s in zip(whole.shape, boxed.shape))
+    assert float(whole[inner].sum()) >= 0.95
+
+
+@pytest.mark.skipif(not LLSM_BEAD.exists(), reason="needs the shared measured bead")
+def test_prepare_cleans_the_measured_lattice_light_sheet_bead():
+    import tifffile
+
+    raw = tifffile.imread(LLSM_BEAD)  # 61 x 128 x 128 uint16, camera offset ~100
+    psf = md.psf.prepare(raw)
+    assert psf.shape == raw.shape and psf.min() >= 0 and abs(float(psf.sum()) - 1) < 1e-5
+    np.testing.assert_allclose(ndimage.center_of_mass(psf), [n // 2 for n in raw.shape], atol=0.2)
+    # the light is in the bead, not in a floor of clipped noise (a plain median subtraction and
+    # clip keeps 14% within 5 voxels of the peak)
+    core = tuple(slice(n // 2 - 5, n // 2 + 6) for n in raw.shape)
+    assert float(psf[core].sum()) > 0.6
+    md.convolve(np.ones((8, 32, 32), np.float32), psf, device="cpu")  # usable as a PSF
+
+
+@pytest.mark.parametrize(
+    "kwargs,bead,match",
+    [
+        ({}, np.full((9, 9), 100.0), "no bead"),
+        ({"energy": 0.0}, None, "energy must be in"),
+        ({"shape": (41, 41)}, None, "larger than the bead image"),
+        ({"background": "median"}, None, "background must be one of"),
+    ],
+)
+def test_prepare_rejects_bad_input(kwargs, bead, match):
+    if bead is None:
+        bead = np.random.default_rng(0).poisson(1000 * md.psf.gaussian((21, 21), 2.0) + 10)
+    with pytest.raises(ValueError, match=match):
+        md.psf.prepare(bead, **kwargs)
