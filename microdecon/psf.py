@@ -7,13 +7,13 @@ operators and algorithms expect.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from . import _validate
 
-__all__ = ["gaussian", "prepare", "widefield"]
+__all__ = ["BeadAverage", "from_beads", "gaussian", "prepare", "widefield"]
 
 
 def gaussian(shape: int | Sequence[int], sigma: float | Sequence[float]) -> np.ndarray:
@@ -185,7 +185,6 @@ def prepare(
     >>> psf.shape[0] % 2, round(float(psf.sum()), 5), bool(psf.min() >= 0)
     (1, 1.0, True)
     """
-    from scipy import ndimage
 
     bead = _validate.check_array(bead, "bead")
     data = np.asarray(bead.get() if hasattr(bead, "get") else bead, dtype=np.float64)
@@ -197,21 +196,7 @@ def prepare(
         background = _validate.check_float(background, "background", minimum=None)
     if energy is not None and not (0 < float(energy) <= 1):
         raise ValueError(f"energy must be in (0, 1], got {energy}")
-    data = data - background
-    noise = 1.4826 * float(np.median(np.abs(shell - np.median(shell))))
-    smooth = ndimage.gaussian_filter(data, 1.0)
-    smoothed_noise = max(noise * _gaussian_noise_gain(data.ndim, 1.0), 1e-12 * float(np.abs(data).max()))
-    above = smooth > 3 * smoothed_noise
-    if not above.any() or float(data.max()) <= 0:
-        raise ValueError("bead has no bead in it: nothing stands above the background noise")
-    labels, _ = ndimage.label(above)
-    peak = np.unravel_index(int(np.argmax(np.where(above, smooth, -np.inf))), data.shape)
-    mask = ndimage.binary_dilation(labels == labels[peak], iterations=2)
-    psf = np.clip(data, 0, None) * mask
-    if center:
-        com = np.array(ndimage.center_of_mass(psf))
-        shift = np.array([n // 2 for n in psf.shape]) - com
-        psf = np.clip(np.fft.ifftn(ndimage.fourier_shift(np.fft.fftn(psf), shift)).real, 0, None)
+    psf = np.clip(_centred_signal(data - background, shell - background, center), 0, None)
     if shape is not None:
         psf = _crop_centred(psf, tuple(_validate.check_int(n, "shape", minimum=1) for n in shape))
     elif energy is not None:
@@ -220,6 +205,28 @@ def prepare(
     if total <= 0:
         raise ValueError("bead has no light left after background subtraction")
     return (psf / total).astype(np.float32)
+
+
+def _centred_signal(data: np.ndarray, shell: np.ndarray, center: bool) -> np.ndarray:
+    """The bead's light (background already off): noise outside its connected 3-sigma region set
+    to zero, then shifted so its centre of mass sits at n // 2. Not clipped at zero: averaging
+    many beads first and clipping once keeps the clipped noise from biasing the result."""
+    from scipy import ndimage
+
+    noise = 1.4826 * float(np.median(np.abs(shell - np.median(shell))))
+    smooth = ndimage.gaussian_filter(data, 1.0)
+    smoothed_noise = max(noise * _gaussian_noise_gain(data.ndim, 1.0), 1e-12 * float(np.abs(data).max()))
+    above = smooth > 3 * smoothed_noise
+    if not above.any() or float(data.max()) <= 0:
+        raise ValueError("bead has no bead in it: nothing stands above the background noise")
+    labels, _ = ndimage.label(above)
+    peak = np.unravel_index(int(np.argmax(np.where(above, smooth, -np.inf))), data.shape)
+    signal = data * ndimage.binary_dilation(labels == labels[peak], iterations=2)
+    if center:
+        com = np.array(ndimage.center_of_mass(np.clip(signal, 0, None)))
+        shift = np.array([n // 2 for n in signal.shape]) - com
+        signal = np.fft.ifftn(ndimage.fourier_shift(np.fft.fftn(signal), shift)).real
+    return signal
 
 
 def _outer_shell(data: np.ndarray, depth: int) -> np.ndarray:
@@ -257,3 +264,121 @@ def _energy_box(psf: np.ndarray, energy: float) -> tuple[int, ...]:
         if float(psf[window].sum()) >= energy * total - 1e-12 * total:
             return tuple(w.stop - w.start for w in window)
     return psf.shape
+
+
+class BeadAverage(NamedTuple):
+    """What :func:`from_beads` found: the averaged PSF, how many beads went into it, and where they are."""
+
+    psf: np.ndarray
+    count: int
+    positions: np.ndarray
+
+
+def from_beads(
+    image: Any,
+    size: int | Sequence[int],
+    *,
+    min_distance: float | None = None,
+    saturation: float | None = None,
+    background: float | str = "auto",
+    threshold: float = 10.0,
+) -> BeadAverage:
+    """Average the isolated beads of a bead stack into one PSF.
+
+    Beads are the local maxima of the (slightly smoothed) stack that stand ``threshold`` noise
+    standard deviations above the background. Kept are those whose whole ``size`` window lies
+    inside the stack, with no other bead within ``min_distance``, and below ``saturation``. Each is
+    cut out, cleaned and centred with sub-voxel accuracy by :func:`prepare`, and the centred beads
+    are averaged with equal weight.
+
+    Parameters
+    ----------
+    image : array_like
+        Bead stack (raw counts are fine), 2-D or 3-D.
+    size : int or sequence of int
+        Window (and PSF) shape in voxels, odd sizes recommended; an int for every axis.
+    min_distance : float, optional
+        Closest allowed distance between two beads, in voxels (Euclidean); default: the window's
+        largest half-width, so that no window holds a second bead.
+    saturation : float, optional
+        Raw value at or above which a bead counts as saturated and is dropped; default: the
+        dtype's maximum for integer images, none for floats.
+    background : float or "auto"
+        Counts to subtract; "auto" is the median of the stack (beads are sparse).
+    threshold : float
+        Detection level in noise standard deviations.
+
+    Returns
+    -------
+    BeadAverage
+        ``psf`` (float32, sums to 1, centre at ``n // 2``), ``count`` (beads used) and ``positions``
+        (their integer peak positions, one row per bead).
+
+    Examples
+    --------
+    >>> import numpy as np, microdecon as md
+    >>> rng = np.random.default_rng(0)
+    >>> stack = np.zeros((96, 96)); stack[[20, 20, 70, 70], [20, 70, 20, 70]] = 5000
+    >>> stack = rng.poisson(md.convolve(stack, md.psf.gaussian((15, 15), 2.0), device="cpu").clip(0) + 50)
+    >>> found = md.psf.from_beads(stack, 21)
+    >>> found.count, found.psf.shape
+    (4, (21, 21))
+    """
+    from scipy import ndimage
+
+    image = _validate.check_array(image, "image")
+    raw = np.asarray(image.get() if hasattr(image, "get") else image)
+    if raw.ndim not in (2, 3):
+        raise ValueError(f"image must be 2-D or 3-D, got {raw.ndim} axes")
+    size = tuple(_validate.check_int(n, "size", minimum=1) for n in (np.broadcast_to(size, raw.ndim)))
+    if any(s > n for s, n in zip(size, raw.shape)):
+        raise ValueError(f"size {size} does not fit in the image {raw.shape}")
+    data = raw.astype(np.float64)
+    if isinstance(background, str):
+        _validate.check_choice(background, "background", ("auto",))
+        background = float(np.median(data))
+    else:
+        background = _validate.check_float(background, "background", minimum=None)
+    if saturation is None and raw.dtype.kind in "ui":
+        saturation = float(np.iinfo(raw.dtype).max)
+    if min_distance is None:
+        min_distance = max(s // 2 for s in size)
+    min_distance = _validate.check_float(min_distance, "min_distance")
+    threshold = _validate.check_float(threshold, "threshold", strict=True)
+
+    deviation = data - background
+    noise = 1.4826 * float(np.median(np.abs(deviation[deviation <= np.percentile(deviation, 90)])))
+    smooth = ndimage.gaussian_filter(deviation, 1.0)
+    level = threshold * max(noise * _gaussian_noise_gain(raw.ndim, 1.0), 1e-12)
+    # every local maximum, so that a close neighbour is seen (and both are dropped) rather than
+    # swallowed by a wide filter
+    peaks = (smooth == ndimage.maximum_filter(smooth, size=3)) & (smooth > level)
+    candidates = np.argwhere(peaks)
+    if len(candidates) == 0:
+        raise ValueError("image has no bead in it: nothing stands above the background noise")
+    half = np.array([s // 2 for s in size])
+    inside = np.all((candidates - half >= 0) & (candidates - half + np.array(size) <= raw.shape), axis=1)
+    distance = np.sqrt(((candidates[:, None, :] - candidates[None, :, :]) ** 2).sum(-1))
+    np.fill_diagonal(distance, np.inf)
+    isolated = distance.min(axis=1) >= min_distance if len(candidates) > 1 else np.ones(1, bool)
+    kept = []
+    for position, ok in zip(candidates, inside & isolated):
+        if not ok:
+            continue
+        window = tuple(slice(p - h, p - h + s) for p, h, s in zip(position, half, size))
+        if saturation is not None and float(raw[window].max()) >= saturation:
+            continue
+        kept.append((position, window))
+    if not kept:
+        raise ValueError(
+            f"image has {len(candidates)} bead(s), but none is isolated (min_distance={min_distance}), "
+            f"unsaturated and a whole window ({size}) away from the border"
+        )
+    total = np.zeros(size)
+    for _, window in kept:
+        bead = data[window] - background
+        signal = _centred_signal(bead, _outer_shell(bead, depth=2), center=True)
+        total += signal / signal.sum()  # equal weights
+    total = np.clip(total, 0, None)  # once, after the noise has averaged down
+    psf = (total / total.sum()).astype(np.float32)
+    return BeadAverage(psf=psf, count=len(kept), positions=np.array([p for p, _ in kept]))

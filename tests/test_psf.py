@@ -119,3 +119,45 @@ def test_prepare_rejects_bad_input(kwargs, bead, match):
         bead = np.random.default_rng(0).poisson(1000 * md.psf.gaussian((21, 21), 2.0) + 10)
     with pytest.raises(ValueError, match=match):
         md.psf.prepare(bead, **kwargs)
+
+
+def gaussian_at(shape, centre, sigma):
+    grids = np.indices(shape, dtype=np.float64)
+    return np.exp(-0.5 * sum(((g - c) / s) ** 2 for g, c, s in zip(grids, centre, sigma)))
+
+
+def bead_stack(rng, positions, sigma, brightness=3000.0, shape=(32, 128, 128), offset=100.0):
+    ideal = np.zeros(shape)
+    for position in positions:
+        ideal += brightness * gaussian_at(shape, position, sigma)
+    return rng.poisson(ideal + offset)
+
+
+def test_from_beads_recovers_the_psf_within_five_percent():
+    rng = np.random.default_rng(3)
+    sigma = (2.0, 1.5, 1.5)
+    grid = [(z, y, x) for z in (8.0, 24.0) for y in (20.0, 55.0, 90.0) for x in (20.0, 55.0, 90.0)]
+    positions = [np.array(p) + rng.uniform(-0.5, 0.5, 3) for p in grid]  # sub-voxel positions
+    positions.append(np.array([16.0, 108.0, 108.0]))  # a close pair: both must be rejected
+    positions.append(np.array([16.0, 110.0, 112.0]))
+    stack = bead_stack(rng, positions, sigma)
+    saturated = stack.copy()
+    found = md.psf.from_beads(stack, (15, 21, 21), min_distance=8)
+    assert found.count == len(grid)  # the pair is out
+    expected = gaussian_at((15, 21, 21), (7, 10, 10), sigma)
+    expected /= expected.sum()
+    assert np.abs(found.psf - expected).sum() < 0.05  # relative L1 error (both sum to 1)
+    # a saturated bead is dropped too
+    saturated[tuple(np.round(positions[0]).astype(int))] = 4095
+    assert md.psf.from_beads(saturated, (15, 21, 21), min_distance=8, saturation=4095).count == len(grid) - 1
+
+
+def test_from_beads_names_what_is_missing():
+    rng = np.random.default_rng(4)
+    with pytest.raises(ValueError, match="image has no bead"):
+        md.psf.from_beads(rng.poisson(100, (16, 64, 64)), 11)
+    crowded = bead_stack(rng, [(8.0, 30.0, 30.0), (8.0, 30.0, 35.0)], (1.5, 1.5, 1.5), shape=(16, 64, 64))
+    with pytest.raises(ValueError, match="none is isolated"):
+        md.psf.from_beads(crowded, 11, min_distance=6)
+    with pytest.raises(ValueError, match="size .* does not fit"):
+        md.psf.from_beads(crowded, 21)
