@@ -161,3 +161,24 @@ def test_from_beads_names_what_is_missing():
         md.psf.from_beads(crowded, 11, min_distance=6)
     with pytest.raises(ValueError, match="size .* does not fit"):
         md.psf.from_beads(crowded, 21)
+
+
+def test_resample_matches_the_model_computed_at_the_new_voxel_size():
+    fine = md.psf.widefield(
+        (61, 65, 65), (0.1, 0.05, 0.05), wavelength=0.52, na=1.2, n_immersion=1.33, oversample=1
+    )
+    coarse = md.psf.widefield(
+        (31, 33, 33), (0.2, 0.1, 0.1), wavelength=0.52, na=1.2, n_immersion=1.33, oversample=1
+    )
+    resampled = md.psf.resample(fine, (0.1, 0.05, 0.05), (0.2, 0.1, 0.1))
+    assert resampled.shape == (31, 33, 33) and abs(float(resampled.sum()) - 1) < 1e-5
+    assert np.abs(resampled - coarse).sum() < 0.03  # relative L1 error, both sum to 1
+    assert np.unravel_index(resampled.argmax(), resampled.shape) == (15, 16, 16)
+
+
+def test_resample_checks_its_arguments():
+    psf = md.psf.gaussian((9, 9), 1.0)
+    with pytest.raises(ValueError, match="new_spacing"):
+        md.psf.resample(psf, (0.1, 0.1), (0.1, -0.1))
+    with pytest.raises(ValueError, match="spacing needs one value per axis"):
+        md.psf.resample(psf, (0.1, 0.1, 0.1), (0.1, 0.1))
