@@ -129,10 +129,25 @@ def widefield(
     bessel = j0(k * na * r[:, None] * rho[None, :]) * weights[None, :]
     defocus = np.exp(1j * k * z[None, :] * np.sqrt(n_immersion**2 - (na * rho[:, None]) ** 2))
     profile = np.abs(bessel @ defocus) ** 2  # (len(r), len(z))
-    out = np.empty(shape, np.float64)
-    for plane in range(shape[0]):
-        values = np.interp(radius, r, profile[:, plane])
-        out[plane] = values.reshape(shape[1], oversample, shape[2], oversample).mean(axis=(1, 3))
+    # Every pixel is a fixed mix of profile samples (linear interpolation at each sub-pixel's
+    # radius, averaged over the sub-pixels): one sparse matrix serves all planes at once.
+    from scipy import sparse
+
+    position = np.clip(radius.ravel() / r_step, 0, len(r) - 1.000001)
+    left = np.floor(position).astype(np.int64)
+    weight = position - left
+    # sub-pixel (y, sy, x, sx), in the radius array's order, belongs to pixel y * nx + x
+    pixel = np.arange(shape[1])[:, None, None, None] * shape[2] + np.arange(shape[2])[None, None, :, None]
+    pixel = np.broadcast_to(pixel, (shape[1], oversample, shape[2], oversample)).ravel()
+    share = 1.0 / oversample**2
+    mix = sparse.csr_matrix(
+        (
+            np.concatenate([(1 - weight) * share, weight * share]),
+            (np.concatenate([pixel, pixel]), np.concatenate([left, left + 1])),
+        ),
+        shape=(shape[1] * shape[2], len(r)),
+    )
+    out = np.asarray(mix @ profile).T.reshape(shape)
     return (out / out.sum()).astype(np.float32)
 
 
