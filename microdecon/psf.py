@@ -13,7 +13,7 @@ import numpy as np
 
 from . import _validate
 
-__all__ = ["BeadAverage", "from_beads", "gaussian", "prepare", "resample", "widefield"]
+__all__ = ["BeadAverage", "confocal", "from_beads", "gaussian", "prepare", "resample", "widefield"]
 
 
 def gaussian(shape: int | Sequence[int], sigma: float | Sequence[float]) -> np.ndarray:
@@ -459,3 +459,77 @@ def resample(
     if total <= 0:
         raise ValueError("psf has no light left after resampling; check spacing and new_spacing")
     return (out / total).astype(np.float32)
+
+
+def confocal(
+    shape: Sequence[int],
+    spacing: Sequence[float],
+    *,
+    excitation: float,
+    emission: float,
+    na: float,
+    n_immersion: float = 1.515,
+    pinhole: float = 1.0,
+    oversample: int = 3,
+) -> np.ndarray:
+    """Confocal PSF: the excitation PSF times the emission PSF seen through the pinhole.
+
+    Parameters
+    ----------
+    shape : (int, int, int)
+        Grid (z, y, x); the focus is at index ``n // 2``.
+    spacing : (float, float, float)
+        Voxel size (dz, dy, dx) in micrometres.
+    excitation, emission : float, > 0
+        Wavelengths in micrometres.
+    na : float, 0 < na < n_immersion
+        Numerical aperture.
+    n_immersion : float
+        Refractive index of the immersion medium (and the sample: matched case).
+    pinhole : float, >= 0
+        Pinhole diameter in Airy units (1 AU = 1.22 emission / NA, back-projected to the
+        sample); 0 is an ideal point detector.
+    oversample : int
+        Sub-pixels per pixel along y and x for both widefield factors.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 (z, y, x), normalized to sum 1.
+
+    Notes
+    -----
+    ``h = h_ex * (h_em convolved laterally with the pinhole disk)``, with both factors from
+    :func:`widefield`. A small pinhole narrows the lateral FWHM towards 0.37 wavelength / NA; any
+    finite pinhole makes each plane's total light fall off away from focus (optical sectioning).
+
+    Examples
+    --------
+    >>> import microdecon as md
+    >>> p = md.psf.confocal((33, 33, 33), (0.2, 0.05, 0.05), excitation=0.488, emission=0.52, na=1.4)
+    >>> p.shape, round(float(p.sum()), 5)
+    ((33, 33, 33), 1.0)
+    """
+    from scipy.signal import fftconvolve
+
+    pinhole = _validate.check_float(pinhole, "pinhole")
+    excitation_psf = widefield(
+        shape, spacing, wavelength=excitation, na=na, n_immersion=n_immersion, oversample=oversample
+    ).astype(np.float64)
+    emission_psf = widefield(
+        shape, spacing, wavelength=emission, na=na, n_immersion=n_immersion, oversample=oversample
+    ).astype(np.float64)
+    if pinhole > 0:
+        _, dy, dx = _validate.per_axis(spacing, 3, "spacing")
+        radius = 0.5 * pinhole * 1.22 * emission / na
+        # the disk, anti-aliased by 8 x 8 sub-pixel sampling
+        sub = (np.arange(8) + 0.5) / 8 - 0.5
+        ny = 2 * int(np.ceil(radius / dy)) + 1
+        nx = 2 * int(np.ceil(radius / dx)) + 1
+        yy = ((np.arange(ny) - ny // 2)[:, None] + sub[None, :]).ravel() * dy
+        xx = ((np.arange(nx) - nx // 2)[:, None] + sub[None, :]).ravel() * dx
+        inside = (yy[:, None] ** 2 + xx[None, :] ** 2) <= radius**2
+        disk = inside.reshape(ny, 8, nx, 8).mean(axis=(1, 3))
+        emission_psf = np.clip(fftconvolve(emission_psf, disk[None], mode="same", axes=(1, 2)), 0, None)
+    out = excitation_psf * emission_psf
+    return (out / out.sum()).astype(np.float32)
