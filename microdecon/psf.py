@@ -59,14 +59,24 @@ def widefield(
     wavelength: float,
     na: float,
     n_immersion: float = 1.515,
+    n_sample: float | None = None,
+    particle_depth: float = 0.0,
+    n_immersion_design: float | None = None,
+    n_coverslip: float = 1.515,
+    n_coverslip_design: float | None = None,
+    coverslip: float = 170.0,
+    coverslip_design: float | None = None,
+    working_distance: float = 150.0,
     oversample: int = 3,
 ) -> np.ndarray:
-    """Scalar widefield PSF (Born & Wolf, matched refractive indices), sampled on a 3-D grid.
+    """Scalar widefield PSF (Gibson & Lanni; Born & Wolf when the indices match), on a 3-D grid.
 
-    Each plane is the intensity of the pupil's field focused through defocus ``z``:
-    ``|int_0^1 J0(k NA r rho) exp(i k z sqrt(n^2 - NA^2 rho^2)) rho d rho|^2`` with
-    ``k = 2 pi / wavelength``. Laterally each pixel is averaged over ``oversample^2`` sub-pixels,
-    so coarse pixels stay right.
+    Each plane is ``|int_0^1 J0(k NA r rho) exp(i k W(rho, z)) rho d rho|^2`` with
+    ``k = 2 pi / wavelength`` and ``W`` the optical path difference of Gibson & Lanni (1992):
+    the sample (index ``n_sample``, the bead ``particle_depth`` below the coverslip), the coverslip
+    and the immersion medium, each against its design value. With the default design values and
+    ``n_sample == n_immersion`` it is the matched Born & Wolf PSF. Laterally each pixel is
+    averaged over ``oversample^2`` sub-pixels, so coarse pixels stay right.
 
     Parameters
     ----------
@@ -79,7 +89,21 @@ def widefield(
     na : float, 0 < na < n_immersion
         Numerical aperture of the objective.
     n_immersion : float
-        Refractive index of the immersion medium (and, in this matched model, the sample).
+        Refractive index of the immersion medium.
+    n_sample : float, optional
+        Refractive index of the sample; default ``n_immersion`` (the matched case). It may be
+        smaller than ``na`` (an oil objective imaging into water).
+    particle_depth : float, >= 0
+        Depth of the bead below the coverslip, micrometres. Plane ``n // 2`` is the focal plane
+        placed at that depth; with a refractive-index mismatch the intensity peak shifts from it
+        (the focal shift), as in real data.
+    n_immersion_design, n_coverslip_design, coverslip_design : float, optional
+        Design values of the immersion index, coverslip index and coverslip thickness
+        (micrometres); default the actual values.
+    n_coverslip, coverslip : float
+        Actual coverslip index and thickness (micrometres).
+    working_distance : float
+        The objective's design working distance, micrometres.
     oversample : int, >= 1
         Sub-pixels per pixel along y and x.
 
@@ -90,7 +114,13 @@ def widefield(
 
     Notes
     -----
-    Lateral FWHM ~ 0.51 wavelength / NA; axial FWHM ~ 0.88 wavelength / (n - sqrt(n^2 - NA^2)).
+    Matched case: lateral FWHM ~ 0.51 wavelength / NA; axial FWHM ~ 0.88 wavelength /
+    (n - sqrt(n^2 - NA^2)). The focal plane sits at depth ``z_v`` = ``particle_depth`` + plane
+    offset (positive into the sample), and the immersion thickness follows Aguet (2009):
+    ``t_i = z_p - z_v + n_i (t_i0 / n_i0 + t_g0 / n_g0 - t_g / n_g - z_p / n_s)``, so that
+    ``W = z_p n_s cos_s + t_i n_i cos_i - t_i0 n_i0 cos_i0 + t_g n_g cos_g - t_g0 n_g0 cos_g0``
+    (``n cos = sqrt(n^2 - NA^2 rho^2)``, evanescent where imaginary). This matches the scalar
+    model of psfmodels (tested).
 
     Examples
     --------
@@ -111,6 +141,22 @@ def widefield(
     if na >= n_immersion:
         raise ValueError(f"na ({na}) must be smaller than n_immersion ({n_immersion})")
     oversample = _validate.check_int(oversample, "oversample", minimum=1)
+    ns = n_immersion if n_sample is None else _validate.check_float(n_sample, "n_sample", strict=True)
+    ni0 = (
+        n_immersion
+        if n_immersion_design is None
+        else _validate.check_float(n_immersion_design, "n_immersion_design", strict=True)
+    )
+    ng = _validate.check_float(n_coverslip, "n_coverslip", strict=True)
+    ng0 = (
+        ng
+        if n_coverslip_design is None
+        else _validate.check_float(n_coverslip_design, "n_coverslip_design", strict=True)
+    )
+    tg = _validate.check_float(coverslip, "coverslip")
+    tg0 = tg if coverslip_design is None else _validate.check_float(coverslip_design, "coverslip_design")
+    ti0 = _validate.check_float(working_distance, "working_distance")
+    zp = _validate.check_float(particle_depth, "particle_depth")
 
     k = 2 * np.pi / wavelength
     z = (np.arange(shape[0]) - shape[0] // 2) * dz
@@ -121,13 +167,24 @@ def widefield(
     # The radial profile on a fine grid, then interpolated: far cheaper than Bessel per pixel.
     r_step = min(dy, dx) / (4 * oversample)
     r = np.arange(0, radius.max() + 2 * r_step, r_step)
-    # Enough quadrature nodes to follow the defocus phase across the pupil.
-    max_phase = k * np.abs(z).max() * (n_immersion - np.sqrt(n_immersion**2 - na**2)) if z.size else 0
-    nodes, weights = np.polynomial.legendre.leggauss(int(max(64, 4 * max_phase / np.pi + 64)))
+
+    def n_cos(n, rho):  # n cos(theta) in a layer of index n; imaginary (evanescent) past n
+        return np.sqrt((n**2 - (na * rho) ** 2).astype(complex))
+
+    def path(rho):  # optical path difference W(rho, z), one column per plane
+        ti = -z + n_immersion * (ti0 / ni0 + tg0 / ng0 - tg / ng - zp / ns)  # z_p - z_v, z_v = z_p + z
+        fixed = zp * n_cos(ns, rho) - ti0 * n_cos(ni0, rho) + tg * n_cos(ng, rho) - tg0 * n_cos(ng0, rho)
+        return fixed[:, None] + ti[None, :] * n_cos(n_immersion, rho)[:, None]
+
+    # Enough quadrature nodes to follow the phase across the pupil.
+    probe = np.linspace(0, 1, 257)
+    phase = k * path(probe).real
+    max_phase = float(np.abs(np.diff(phase, axis=0)).sum(axis=0).max()) if z.size else 0.0
+    nodes, weights = np.polynomial.legendre.leggauss(int(min(max(64, 4 * max_phase / np.pi + 64), 4000)))
     rho = 0.5 * (nodes + 1)
     weights = 0.5 * weights * rho
     bessel = j0(k * na * r[:, None] * rho[None, :]) * weights[None, :]
-    defocus = np.exp(1j * k * z[None, :] * np.sqrt(n_immersion**2 - (na * rho[:, None]) ** 2))
+    defocus = np.exp(1j * k * path(rho))
     profile = np.abs(bessel @ defocus) ** 2  # (len(r), len(z))
     # Every pixel is a fixed mix of profile samples (linear interpolation at each sub-pixel's
     # radius, averaged over the sub-pixels): one sparse matrix serves all planes at once.
