@@ -1,7 +1,8 @@
 """The ``microdecon`` command: wiring from files and flags to the library, no algorithms.
 
 ``microdecon demo`` deconvolves the bundled sample and prints time and quality;
-``microdecon deconvolve INPUT... --psf PSF -o OUTDIR`` deconvolves TIFF files.
+``microdecon deconvolve INPUT... --psf PSF -o OUTDIR`` deconvolves TIFF files;
+``microdecon psf -o PSF.tif ...`` writes a model PSF or one made from measured beads.
 """
 
 from __future__ import annotations
@@ -114,6 +115,64 @@ def _deconvolve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _psf(args: argparse.Namespace) -> int:
+    from . import psf as psf_module
+
+    source: str
+    if args.from_bead or args.from_beads:
+        path = args.from_bead or args.from_beads
+        image, meta = io.imread(path)
+        spacing = tuple(meta["spacing"])
+        if args.from_bead:
+            result = psf_module.prepare(image, energy=args.energy)
+            source = f"bead {path}"
+        else:
+            if not args.size:
+                raise ValueError("--from-beads needs --size (the PSF window, one value per axis)")
+            found = psf_module.from_beads(image, tuple(args.size), min_distance=args.min_distance)
+            result = found.psf
+            source = f"{found.count} beads of {path}"
+        if args.spacing and tuple(args.spacing) != spacing:
+            if not meta["spacing_known"]:
+                raise ValueError(f"{path} has no voxel size in its metadata, so it cannot be resampled")
+            result = psf_module.resample(result, spacing, tuple(args.spacing))
+            spacing = tuple(args.spacing)
+    else:
+        if not (args.shape and args.spacing):
+            raise ValueError("a model PSF needs --shape Z Y X and --spacing DZ DY DX (micrometres)")
+        spacing = tuple(args.spacing)
+        if args.model == "gaussian":
+            if not args.sigma:
+                raise ValueError("--model gaussian needs --sigma (micrometres, one or one per axis)")
+            sigma = tuple(args.sigma) if len(args.sigma) > 1 else args.sigma[0]
+            result = psf_module.gaussian(tuple(args.shape), sigma, spacing=spacing)
+        elif args.model == "widefield":
+            result = psf_module.widefield(
+                tuple(args.shape),
+                spacing,
+                wavelength=args.wavelength,
+                na=args.na,
+                n_immersion=args.n_immersion,
+                n_sample=args.n_sample,
+                particle_depth=args.particle_depth,
+            )
+        else:
+            result = psf_module.confocal(
+                tuple(args.shape),
+                spacing,
+                excitation=args.excitation,
+                emission=args.wavelength,
+                na=args.na,
+                n_immersion=args.n_immersion,
+                pinhole=args.pinhole,
+            )
+        source = f"model {args.model}"
+    provenance = {"software": f"microdecon {__version__}", "psf": source}
+    io.imwrite(args.output, result, {"spacing": spacing, "provenance": provenance})
+    print(f"wrote {args.output}: {source}, shape {result.shape}, voxel {spacing} um")
+    return 0
+
+
 def _add_method_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=sorted(METHODS), default="rl")
     parser.add_argument("--num-iter", type=int, default=30, help="RL iterations (default 30)")
@@ -141,6 +200,28 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-o", "--output", required=True, help="output folder")
     run.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     _add_method_flags(run)
+    psf = commands.add_parser("psf", help="write a model PSF, or one made from a measured bead or bead stack")
+    psf.add_argument("-o", "--output", required=True, help="output TIFF")
+    psf.add_argument("--model", choices=["widefield", "confocal", "gaussian"], default="widefield")
+    psf.add_argument("--from-bead", help="TIFF of one bead: clean, centre and normalize it")
+    psf.add_argument("--from-beads", help="TIFF of a bead stack: average its isolated beads")
+    psf.add_argument("--shape", type=int, nargs="+", help="PSF shape (z y x) for a model")
+    psf.add_argument("--spacing", type=float, nargs="+", help="voxel size (dz dy dx), micrometres")
+    psf.add_argument("--wavelength", type=float, default=0.52, help="emission wavelength, um (default 0.52)")
+    psf.add_argument("--excitation", type=float, default=0.488, help="confocal excitation wavelength, um")
+    psf.add_argument("--na", type=float, default=1.4, help="numerical aperture (default 1.4)")
+    psf.add_argument("--n-immersion", type=float, default=1.515, help="immersion refractive index")
+    psf.add_argument(
+        "--n-sample", type=float, default=None, help="sample refractive index (default: matched)"
+    )
+    psf.add_argument("--particle-depth", type=float, default=0.0, help="depth below the coverslip, um")
+    psf.add_argument("--pinhole", type=float, default=1.0, help="confocal pinhole, Airy units (default 1)")
+    psf.add_argument("--sigma", type=float, nargs="+", help="gaussian sigma, um")
+    psf.add_argument("--energy", type=float, default=None, help="--from-bead: crop to this fraction of light")
+    psf.add_argument("--size", type=int, nargs="+", help="--from-beads: window shape, voxels")
+    psf.add_argument(
+        "--min-distance", type=float, default=None, help="--from-beads: closest neighbour, voxels"
+    )
     return parser
 
 
@@ -156,6 +237,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "demo":
             return _demo(args)
+        if args.command == "psf":
+            return _psf(args)
         return _deconvolve(args)
     except (OSError, ValueError, TypeError) as error:
         print(f"microdecon: error: {error}", file=sys.stderr)

@@ -16,7 +16,9 @@ from . import _validate
 __all__ = ["BeadAverage", "confocal", "from_beads", "gaussian", "prepare", "resample", "widefield"]
 
 
-def gaussian(shape: int | Sequence[int], sigma: float | Sequence[float]) -> np.ndarray:
+def gaussian(
+    shape: int | Sequence[int], sigma: float | Sequence[float], spacing: float | Sequence[float] | None = None
+) -> np.ndarray:
     """A Gaussian PSF sampled on a grid, centred at ``n // 2``, normalized to sum 1.
 
     Parameters
@@ -24,8 +26,10 @@ def gaussian(shape: int | Sequence[int], sigma: float | Sequence[float]) -> np.n
     shape : int or sequence of int
         Grid size per axis (an int makes a 1-D PSF).
     sigma : float or sequence of float, > 0
-        Standard deviation in pixels, one value for all axes or one per axis
-        (FWHM = 2.355 sigma).
+        Standard deviation, one value for all axes or one per axis (FWHM = 2.355 sigma): in
+        micrometres when ``spacing`` is given, else in pixels.
+    spacing : float or sequence of float, optional
+        Voxel size per axis in micrometres (anisotropic voxels welcome).
 
     Returns
     -------
@@ -45,6 +49,9 @@ def gaussian(shape: int | Sequence[int], sigma: float | Sequence[float]) -> np.n
     for n in shape:
         _validate.check_int(n, "shape", minimum=1)
     sigmas = _validate.per_axis(sigma, len(shape), "sigma")
+    if spacing is not None:
+        steps = _validate.per_axis(spacing, len(shape), "spacing")
+        sigmas = tuple(s / d for s, d in zip(sigmas, steps))
     profiles = [np.exp(-0.5 * ((np.arange(n) - n // 2) / s) ** 2) for n, s in zip(shape, sigmas)]
     psf = profiles[0]
     for profile in profiles[1:]:

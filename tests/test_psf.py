@@ -242,3 +242,8 @@ def test_gibson_lanni_mismatch_agrees_with_psfmodels(n_sample, depth, n_immersio
     assert np.abs(ours - reference).sum() < 0.04  # measured: 0.7% to 2.0% relative L1
     if n_sample < n_immersion:  # the focal shift moves the peak off the nominal plane
         assert abs(int(np.argmax(ours.sum(axis=(1, 2)))) - int(np.argmax(reference.sum(axis=(1, 2))))) <= 1
+
+
+def test_gaussian_sigma_in_micrometres_with_anisotropic_voxels():
+    in_um = md.psf.gaussian((15, 31), (0.6, 0.2), spacing=(0.3, 0.1))
+    np.testing.assert_allclose(in_um, md.psf.gaussian((15, 31), (2.0, 2.0)), rtol=1e-6)
