@@ -138,7 +138,7 @@ def widefield(
     """
     from scipy.special import j0
 
-    shape = tuple(_validate.check_int(n, "shape", minimum=1) for n in shape)
+    shape = tuple(_validate.check_int(n, "shape", minimum=1) for n in np.atleast_1d(shape))
     if len(shape) != 3:
         raise ValueError(f"shape must be (z, y, x), got {len(shape)} axes")
     dz, dy, dx = _validate.per_axis(spacing, 3, "spacing")
@@ -160,6 +160,9 @@ def widefield(
         if n_coverslip_design is None
         else _validate.check_float(n_coverslip_design, "n_coverslip_design", strict=True)
     )
+    for name, value in (("n_immersion_design", ni0), ("n_coverslip_design", ng0)):
+        if value <= na:  # its (subtracted) path term would grow exponentially past the critical angle
+            raise ValueError(f"{name} ({value}) must be larger than na ({na})")
     tg = _validate.check_float(coverslip, "coverslip")
     tg0 = tg if coverslip_design is None else _validate.check_float(coverslip_design, "coverslip_design")
     ti0 = _validate.check_float(working_distance, "working_distance")
@@ -187,7 +190,10 @@ def widefield(
     probe = np.linspace(0, 1, 257)
     phase = k * path(probe).real
     max_phase = float(np.abs(np.diff(phase, axis=0)).sum(axis=0).max()) if z.size else 0.0
-    nodes, weights = np.polynomial.legendre.leggauss(int(min(max(64, 4 * max_phase / np.pi + 64), 4000)))
+    # ... and the Bessel function's oscillations at the largest radius
+    bessel_cycles = k * na * float(r.max()) / np.pi
+    count = int(min(64 + 4 * max_phase / np.pi + 4 * bessel_cycles, 20000))
+    nodes, weights = np.polynomial.legendre.leggauss(count)
     rho = 0.5 * (nodes + 1)
     weights = 0.5 * weights * rho
     bessel = j0(k * na * r[:, None] * rho[None, :]) * weights[None, :]
@@ -286,23 +292,27 @@ def prepare(
     return (psf / total).astype(np.float32)
 
 
-def _centred_signal(data: np.ndarray, shell: np.ndarray, center: bool) -> np.ndarray:
-    """The bead's light (background already off): noise outside its connected 3-sigma region set
-    to zero, then shifted so its centre of mass sits at n // 2. Not clipped at zero: averaging
-    many beads first and clipping once keeps the clipped noise from biasing the result."""
+def _centred_signal(data: np.ndarray, shell: np.ndarray, center: bool, *, mask: bool = True) -> np.ndarray:
+    """The bead's light (background already off), shifted so its centre of mass sits at n // 2.
+
+    With ``mask``, noise outside the bead's connected 3-sigma region is set to zero; the centre
+    of mass is always taken over that region. Not clipped at zero: averaging many beads first
+    and clipping once keeps the clipped noise from biasing the result.
+    """
     from scipy import ndimage
 
     noise = 1.4826 * float(np.median(np.abs(shell - np.median(shell))))
     smooth = ndimage.gaussian_filter(data, 1.0)
     smoothed_noise = max(noise * _gaussian_noise_gain(data.ndim, 1.0), 1e-12 * float(np.abs(data).max()))
+    if float(data.max()) <= 0 or float(smooth.max()) < 10 * smoothed_noise:
+        raise ValueError("bead has no bead in it: nothing stands 10 noise deviations above the background")
     above = smooth > 3 * smoothed_noise
-    if not above.any() or float(data.max()) <= 0:
-        raise ValueError("bead has no bead in it: nothing stands above the background noise")
     labels, _ = ndimage.label(above)
-    peak = np.unravel_index(int(np.argmax(np.where(above, smooth, -np.inf))), data.shape)
-    signal = data * ndimage.binary_dilation(labels == labels[peak], iterations=2)
+    peak = np.unravel_index(int(np.argmax(smooth)), data.shape)
+    region = ndimage.binary_dilation(labels == labels[peak], iterations=2)
+    signal = data * region if mask else data.copy()
     if center:
-        com = np.array(ndimage.center_of_mass(np.clip(signal, 0, None)))
+        com = np.array(ndimage.center_of_mass(np.clip(data * region, 0, None)))
         shift = np.array([n // 2 for n in signal.shape]) - com
         signal = np.fft.ifftn(ndimage.fourier_shift(np.fft.fftn(signal), shift)).real
     return signal
@@ -343,6 +353,10 @@ def _energy_box(psf: np.ndarray, energy: float) -> tuple[int, ...]:
         if float(psf[window].sum()) >= energy * total - 1e-12 * total:
             return tuple(w.stop - w.start for w in window)
     return psf.shape
+
+
+#: A local maximum at most this fraction of a neighbour's height is that neighbour's ring or lobe.
+RING_FRACTION = 0.2
 
 
 class BeadAverage(NamedTuple):
@@ -409,7 +423,10 @@ def from_beads(
     raw = np.asarray(image.get() if hasattr(image, "get") else image)
     if raw.ndim not in (2, 3):
         raise ValueError(f"image must be 2-D or 3-D, got {raw.ndim} axes")
-    size = tuple(_validate.check_int(n, "size", minimum=1) for n in (np.broadcast_to(size, raw.ndim)))
+    sizes = np.atleast_1d(size)
+    if sizes.size not in (1, raw.ndim):
+        raise ValueError(f"size needs one value or one per axis ({raw.ndim}), got {sizes.size}")
+    size = tuple(_validate.check_int(int(n), "size", minimum=1) for n in np.broadcast_to(sizes, raw.ndim))
     if any(s > n for s, n in zip(size, raw.shape)):
         raise ValueError(f"size {size} does not fit in the image {raw.shape}")
     data = raw.astype(np.float64)
@@ -437,9 +454,25 @@ def from_beads(
         raise ValueError("image has no bead in it: nothing stands above the background noise")
     half = np.array([s // 2 for s in size])
     inside = np.all((candidates - half >= 0) & (candidates - half + np.array(size) <= raw.shape), axis=1)
-    distance = np.sqrt(((candidates[:, None, :] - candidates[None, :, :]) ** 2).sum(-1))
-    np.fill_diagonal(distance, np.inf)
-    isolated = distance.min(axis=1) >= min_distance if len(candidates) > 1 else np.ones(1, bool)
+    # Pairs closer than min_distance (a k-d tree: no N x N matrix for stacks with many beads).
+    # A maximum at most a fifth as bright as its neighbour is that bead's ring or axial lobe and
+    # is ignored; neighbours of comparable brightness are two beads too close to use.
+    from scipy.spatial import cKDTree
+
+    height = smooth[tuple(candidates.T)]
+    pairs = (
+        cKDTree(candidates).query_pairs(min_distance, output_type="ndarray") if len(candidates) > 1 else []
+    )
+    ring = np.zeros(len(candidates), bool)
+    for a, b in pairs:
+        if height[a] <= RING_FRACTION * height[b]:
+            ring[a] = True
+        elif height[b] <= RING_FRACTION * height[a]:
+            ring[b] = True
+    isolated = ~ring
+    for a, b in pairs:
+        if not (ring[a] or ring[b]):
+            isolated[a] = isolated[b] = False
     kept = []
     for position, ok in zip(candidates, inside & isolated):
         if not ok:
@@ -456,9 +489,13 @@ def from_beads(
     total = np.zeros(size)
     for _, window in kept:
         bead = data[window] - background
-        signal = _centred_signal(bead, _outer_shell(bead, depth=2), center=True)
+        # unmasked: the faint out-of-focus light of each bead averages in (its noise averages out)
+        signal = _centred_signal(bead, deviation, center=True, mask=False)
         total += signal / signal.sum()  # equal weights
-    total = np.clip(total, 0, None)  # once, after the noise has averaged down
+    # Cut the noise that is left only now, on the average, where it is sqrt(count) times lower
+    # than on any one bead, so faint out-of-focus light survives; then clip once.
+    total = _centred_signal(total, _outer_shell(total, depth=2), center=False)
+    total = np.clip(total, 0, None)
     psf = (total / total.sum()).astype(np.float32)
     return BeadAverage(psf=psf, count=len(kept), positions=np.array([p for p, _ in kept]))
 
@@ -577,6 +614,8 @@ def confocal(
     from scipy.signal import fftconvolve
 
     pinhole = _validate.check_float(pinhole, "pinhole")
+    excitation = _validate.check_float(excitation, "excitation", strict=True)
+    emission = _validate.check_float(emission, "emission", strict=True)
     excitation_psf = widefield(
         shape, spacing, wavelength=excitation, na=na, n_immersion=n_immersion, oversample=oversample
     ).astype(np.float64)
