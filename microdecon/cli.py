@@ -122,21 +122,26 @@ def _psf(args: argparse.Namespace) -> int:
     if args.from_bead or args.from_beads:
         path = args.from_bead or args.from_beads
         image, meta = io.imread(path)
-        spacing = tuple(meta["spacing"])
         if args.from_bead:
             result = psf_module.prepare(image, energy=args.energy)
             source = f"bead {path}"
         else:
             if not args.size:
                 raise ValueError("--from-beads needs --size (the PSF window, one value per axis)")
-            found = psf_module.from_beads(image, tuple(args.size), min_distance=args.min_distance)
+            found = psf_module.from_beads(
+                image, tuple(args.size), min_distance=args.min_distance, saturation=args.saturation
+            )
             result = found.psf
             source = f"{found.count} beads of {path}"
-        if args.spacing and tuple(args.spacing) != spacing:
-            if not meta["spacing_known"]:
-                raise ValueError(f"{path} has no voxel size in its metadata, so it cannot be resampled")
-            result = psf_module.resample(result, spacing, tuple(args.spacing))
-            spacing = tuple(args.spacing)
+        if meta["spacing_known"]:
+            spacing = tuple(meta["spacing"])
+            if args.spacing and tuple(args.spacing) != spacing:
+                result = psf_module.resample(result, spacing, tuple(args.spacing))
+                spacing = tuple(args.spacing)
+        elif args.spacing:
+            spacing = tuple(args.spacing)  # the file has none: take the given one as its own
+        else:
+            raise ValueError(f"{path} has no voxel size in its metadata; give it with --spacing")
     else:
         if not (args.shape and args.spacing):
             raise ValueError("a model PSF needs --shape Z Y X and --spacing DZ DY DX (micrometres)")
@@ -202,9 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_method_flags(run)
     psf = commands.add_parser("psf", help="write a model PSF, or one made from a measured bead or bead stack")
     psf.add_argument("-o", "--output", required=True, help="output TIFF")
-    psf.add_argument("--model", choices=["widefield", "confocal", "gaussian"], default="widefield")
-    psf.add_argument("--from-bead", help="TIFF of one bead: clean, centre and normalize it")
-    psf.add_argument("--from-beads", help="TIFF of a bead stack: average its isolated beads")
+    source = psf.add_mutually_exclusive_group()
+    source.add_argument("--model", choices=["widefield", "confocal", "gaussian"], default="widefield")
+    source.add_argument("--from-bead", help="TIFF of one bead: clean, centre and normalize it")
+    source.add_argument("--from-beads", help="TIFF of a bead stack: average its isolated beads")
     psf.add_argument("--shape", type=int, nargs="+", help="PSF shape (z y x) for a model")
     psf.add_argument("--spacing", type=float, nargs="+", help="voxel size (dz dy dx), micrometres")
     psf.add_argument("--wavelength", type=float, default=0.52, help="emission wavelength, um (default 0.52)")
@@ -221,6 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
     psf.add_argument("--size", type=int, nargs="+", help="--from-beads: window shape, voxels")
     psf.add_argument(
         "--min-distance", type=float, default=None, help="--from-beads: closest neighbour, voxels"
+    )
+    psf.add_argument(
+        "--saturation",
+        type=float,
+        default=None,
+        help="--from-beads: camera saturation in counts (default: the file dtype's maximum; give 4095 for "
+        "12-bit data stored as uint16)",
     )
     return parser
 
