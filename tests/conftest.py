@@ -48,3 +48,15 @@ def _private_fftw_wisdom(tmp_path_factory):
         os.environ.pop("XDG_CACHE_HOME", None)
     else:
         os.environ["XDG_CACHE_HOME"] = previous
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _deterministic_cpu_fft():
+    """scipy.fft for the suite: FFTW_MEASURE picks its algorithm by timing, so its rounding, and
+    with it every Poisson draw made from a blurred image, could change from run to run. The FFTW
+    path is tested where a test asks for it (parity with scipy.fft, operators, plans)."""
+    from microdecon import _backend
+
+    _backend.set_cpu_fft("pocketfft")
+    yield
+    _backend.set_cpu_fft("auto")

@@ -303,7 +303,7 @@ def test_fftw_and_scipy_paths_agree(problem_3d, boundary, accelerate):
                 noisy, psf, 8, accelerate=accelerate, boundary=boundary, device="cpu"
             )
     finally:
-        md._backend.set_cpu_fft("auto")
+        md._backend.set_cpu_fft("pocketfft")  # the suite's setting (conftest)
     scale = float(results["pocketfft"].max())
     # float32 rounding differs between the libraries; the bfloat16 step history can round such
     # differences either way, so the accelerated runs agree a little less closely

@@ -182,10 +182,10 @@ def discrepancy_balance(
     >>> rng = np.random.default_rng(0)
     >>> psf = md.psf.gaussian((15, 15), 2.0)
     >>> blurred = md.convolve(md.data.phantom((64, 64), seed=1), psf, device="cpu").clip(0)
-    >>> image = (rng.poisson(blurred * 10) / 10).astype(np.float32)
+    >>> image = (blurred + rng.normal(0, 0.5, blurred.shape)).astype(np.float32)
     >>> op = Convolution(psf, image.shape, boundary="periodic")
     >>> power = (op.otf / np.float32(op.fft_scale)) ** 2  # a symmetric PSF: real OTF
-    >>> 1e-4 < discrepancy_balance(np.fft.rfftn(image), power, op.fft_shape, image) < 1e-1
+    >>> 1e-4 < discrepancy_balance(np.fft.rfftn(image), power, op.fft_shape, image) < 1e-2
     True
     """
     n = float(np.prod(fft_shape))
