@@ -333,6 +333,15 @@ def _gaussian_noise_gain(ndim: int, sigma: float) -> float:
     return float(np.sqrt(np.sum(profile**2)) ** ndim)
 
 
+def _box_kernel(width: float) -> np.ndarray:
+    """A centred box ``width`` samples wide (odd length, fractional weight at both ends), summing to 1."""
+    half = width / 2
+    reach = int(np.ceil(half - 0.5))
+    offsets = np.arange(-reach, reach + 1)
+    weights = np.clip(half + 0.5 - np.abs(offsets), 0, 1)
+    return weights / weights.sum()
+
+
 def _crop_centred(psf: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     if len(shape) != psf.ndim:
         raise ValueError(f"shape needs one value per axis ({psf.ndim}), got {len(shape)}")
@@ -501,12 +510,19 @@ def from_beads(
 
 
 def resample(
-    psf: Any, spacing: Sequence[float], new_spacing: Sequence[float], shape: Sequence[int] | None = None
+    psf: Any,
+    spacing: Sequence[float],
+    new_spacing: Sequence[float],
+    shape: Sequence[int] | None = None,
+    *,
+    integrate: Sequence[bool] | None = None,
 ) -> np.ndarray:
     """Resample a PSF from one voxel size to another, keeping its centre at index ``n // 2``.
 
-    Cubic interpolation about the centre, negative overshoot clipped, normalized to sum 1; use it
-    when the PSF was measured or modelled at another voxel size than the image's.
+    Coarser pixels first average the light over their footprint (a box filter, along the axes
+    that ``integrate``), then cubic interpolation about the centre; negative overshoot clipped,
+    normalized to sum 1. Use it when the PSF was measured or modelled at another voxel size
+    than the image's.
 
     Parameters
     ----------
@@ -516,6 +532,10 @@ def resample(
         Voxel size per axis now and wanted (any unit, the same for both).
     shape : sequence of int, optional
         Output shape; default: the same physical extent, rounded to odd sizes.
+    integrate : sequence of bool, optional
+        Per axis, whether a coarser voxel averages over its footprint (camera pixels do) or is
+        a point sample (each plane of a z-stack is one focal position). Default: the last two
+        axes (y, x) integrate, z does not.
 
     Returns
     -------
@@ -542,8 +562,17 @@ def resample(
     shape = tuple(_validate.check_int(n, "shape", minimum=1) for n in shape)
     if len(shape) != data.ndim:
         raise ValueError(f"shape needs one value per axis ({data.ndim}), got {len(shape)}")
-    # output index o maps to input coordinate c_in + (o - c_out) * new / old
+    # Coarser voxels collect the light of everything they cover: average over each new voxel's
+    # footprint (a box new/old input pixels wide, fractional at its ends) before sampling.
     scale = new / old
+    if integrate is None:
+        integrate = [axis >= data.ndim - 2 for axis in range(data.ndim)]
+    if len(integrate) != data.ndim:
+        raise ValueError(f"integrate needs one value per axis ({data.ndim}), got {len(integrate)}")
+    for axis, (ratio, pixel_area) in enumerate(zip(scale, integrate)):
+        if ratio > 1 and pixel_area:
+            data = ndimage.convolve1d(data, _box_kernel(float(ratio)), axis=axis, mode="constant")
+    # output index o maps to input coordinate c_in + (o - c_out) * new / old
     centre_in = np.array([n // 2 for n in data.shape], dtype=np.float64)
     centre_out = np.array([n // 2 for n in shape], dtype=np.float64)
     out = ndimage.affine_transform(

@@ -164,16 +164,18 @@ def test_from_beads_names_what_is_missing():
 
 
 def test_resample_matches_the_model_computed_at_the_new_voxel_size():
-    fine = md.psf.widefield(
-        (61, 65, 65), (0.1, 0.05, 0.05), wavelength=0.52, na=1.2, n_immersion=1.33, oversample=1
-    )
-    coarse = md.psf.widefield(
-        (31, 33, 33), (0.2, 0.1, 0.1), wavelength=0.52, na=1.2, n_immersion=1.33, oversample=1
-    )
-    resampled = md.psf.resample(fine, (0.1, 0.05, 0.05), (0.2, 0.1, 0.1))
+    optics = dict(wavelength=0.52, na=1.2, n_immersion=1.33)
+    fine = md.psf.widefield((61, 65, 65), (0.1, 0.05, 0.05), oversample=1, **optics)
+    coarse = md.psf.widefield((31, 33, 33), (0.2, 0.1, 0.1), oversample=1, **optics)
+    resampled = md.psf.resample(fine, (0.1, 0.05, 0.05), (0.2, 0.1, 0.1), integrate=(False, False, False))
     assert resampled.shape == (31, 33, 33) and abs(float(resampled.sum()) - 1) < 1e-5
     assert np.abs(resampled - coarse).sum() < 0.03  # relative L1 error, both sum to 1
     assert np.unravel_index(resampled.argmax(), resampled.shape) == (15, 16, 16)
+    # coarse camera pixels integrate the light they cover (z planes stay point samples)
+    finer = md.psf.widefield((61, 241, 241), (0.1, 0.02, 0.02), oversample=1, **optics)  # wider: no edge loss
+    integrated = md.psf.widefield((31, 25, 25), (0.2, 0.1, 0.1), oversample=5, **optics)
+    resampled = md.psf.resample(finer, (0.1, 0.02, 0.02), (0.2, 0.1, 0.1), shape=(31, 25, 25))
+    assert np.abs(resampled - integrated).sum() < 1e-3  # measured 4e-9
 
 
 def test_resample_checks_its_arguments():
