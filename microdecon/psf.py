@@ -7,7 +7,7 @@ operators and algorithms expect.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
@@ -225,7 +225,7 @@ def prepare(
     bead: Any,
     *,
     background: float | str = "auto",
-    center: bool = True,
+    center: Literal["mass", "peak"] | None = "mass",
     shape: Sequence[int] | None = None,
     energy: float | None = None,
 ) -> np.ndarray:
@@ -239,9 +239,11 @@ def prepare(
     background : float or "auto"
         Counts to subtract (camera offset plus diffuse light). "auto" takes the median of the
         image's outer shell (2 voxels deep on every face), where a centred bead puts no light.
-    center : bool
-        Shift the PSF with sub-voxel accuracy (Fourier shift) so that its centre of mass sits
-        exactly at index ``n // 2`` on each axis, as the operators expect.
+    center : {"mass", "peak"} or None
+        Shift the PSF with sub-voxel accuracy (Fourier shift) so that its centre sits exactly at
+        index ``n // 2`` on each axis, as the operators expect: the centre of mass, or the peak
+        of a parabola fitted through the smoothed maximum and its neighbours on each axis (for
+        asymmetric PSFs whose mass and peak differ). None leaves it where it is.
     shape : sequence of int, optional
         Crop to this shape around the centre (each axis at most the input's).
     energy : float in (0, 1], optional
@@ -281,6 +283,8 @@ def prepare(
         background = _validate.check_float(background, "background", minimum=None)
     if energy is not None and not (0 < float(energy) <= 1):
         raise ValueError(f"energy must be in (0, 1], got {energy}")
+    if center is not None:
+        _validate.check_choice(center, "center", ("mass", "peak"))
     psf = np.clip(_centred_signal(data - background, shell - background, center), 0, None)
     if shape is not None:
         psf = _crop_centred(psf, tuple(_validate.check_int(n, "shape", minimum=1) for n in shape))
@@ -292,7 +296,9 @@ def prepare(
     return (psf / total).astype(np.float32)
 
 
-def _centred_signal(data: np.ndarray, shell: np.ndarray, center: bool, *, mask: bool = True) -> np.ndarray:
+def _centred_signal(
+    data: np.ndarray, shell: np.ndarray, center: str | None, *, mask: bool = True
+) -> np.ndarray:
     """The bead's light (background already off), shifted so its centre of mass sits at n // 2.
 
     With ``mask``, noise outside the bead's connected 3-sigma region is set to zero; the centre
@@ -312,10 +318,25 @@ def _centred_signal(data: np.ndarray, shell: np.ndarray, center: bool, *, mask: 
     region = ndimage.binary_dilation(labels == labels[peak], iterations=2)
     signal = data * region if mask else data.copy()
     if center:
-        com = np.array(ndimage.center_of_mass(np.clip(data * region, 0, None)))
-        shift = np.array([n // 2 for n in signal.shape]) - com
+        if center == "peak":
+            where = _fitted_peak(smooth, peak)
+        else:
+            where = np.array(ndimage.center_of_mass(np.clip(data * region, 0, None)))
+        shift = np.array([n // 2 for n in signal.shape]) - where
         signal = np.fft.ifftn(ndimage.fourier_shift(np.fft.fftn(signal), shift)).real
     return signal
+
+
+def _fitted_peak(smooth: np.ndarray, peak: tuple[int, ...]) -> np.ndarray:
+    """Sub-voxel peak: a parabola through the maximum and its two neighbours, axis by axis."""
+    where = np.array(peak, dtype=np.float64)
+    for axis, index in enumerate(peak):
+        if 0 < index < smooth.shape[axis] - 1:
+            left, middle, right = (smooth[peak[:axis] + (index + d,) + peak[axis + 1 :]] for d in (-1, 0, 1))
+            curvature = left - 2 * middle + right
+            if curvature < 0:
+                where[axis] += 0.5 * (left - right) / curvature
+    return where
 
 
 def _outer_shell(data: np.ndarray, depth: int) -> np.ndarray:
@@ -499,11 +520,11 @@ def from_beads(
     for _, window in kept:
         bead = data[window] - background
         # unmasked: the faint out-of-focus light of each bead averages in (its noise averages out)
-        signal = _centred_signal(bead, deviation, center=True, mask=False)
+        signal = _centred_signal(bead, deviation, center="mass", mask=False)
         total += signal / signal.sum()  # equal weights
     # Cut the noise that is left only now, on the average, where it is sqrt(count) times lower
     # than on any one bead, so faint out-of-focus light survives; then clip once.
-    total = _centred_signal(total, _outer_shell(total, depth=2), center=False)
+    total = _centred_signal(total, _outer_shell(total, depth=2), center=None)
     total = np.clip(total, 0, None)
     psf = (total / total.sum()).astype(np.float32)
     return BeadAverage(psf=psf, count=len(kept), positions=np.array([p for p, _ in kept]))
@@ -600,6 +621,8 @@ def confocal(
     na: float,
     n_immersion: float = 1.515,
     pinhole: float = 1.0,
+    n_sample: float | None = None,
+    particle_depth: float = 0.0,
     oversample: int = 3,
 ) -> np.ndarray:
     """Confocal PSF: the excitation PSF times the emission PSF seen through the pinhole.
@@ -619,6 +642,8 @@ def confocal(
     pinhole : float, >= 0
         Pinhole diameter in Airy units (1 AU = 1.22 emission / NA, back-projected to the
         sample); 0 is an ideal point detector.
+    n_sample, particle_depth : optional
+        Refractive-index mismatch, as in :func:`widefield` (applied to both factors).
     oversample : int
         Sub-pixels per pixel along y and x for both widefield factors.
 
@@ -645,11 +670,18 @@ def confocal(
     pinhole = _validate.check_float(pinhole, "pinhole")
     excitation = _validate.check_float(excitation, "excitation", strict=True)
     emission = _validate.check_float(emission, "emission", strict=True)
+    mismatch = {"n_sample": n_sample, "particle_depth": particle_depth}
     excitation_psf = widefield(
-        shape, spacing, wavelength=excitation, na=na, n_immersion=n_immersion, oversample=oversample
+        shape,
+        spacing,
+        wavelength=excitation,
+        na=na,
+        n_immersion=n_immersion,
+        oversample=oversample,
+        **mismatch,
     ).astype(np.float64)
     emission_psf = widefield(
-        shape, spacing, wavelength=emission, na=na, n_immersion=n_immersion, oversample=oversample
+        shape, spacing, wavelength=emission, na=na, n_immersion=n_immersion, oversample=oversample, **mismatch
     ).astype(np.float64)
     if pinhole > 0:
         _, dy, dx = _validate.per_axis(spacing, 3, "spacing")

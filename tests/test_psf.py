@@ -294,3 +294,30 @@ def test_from_beads_recovers_a_widefield_psf_with_its_rings():
     assert np.abs(found.psf - truth / truth.sum()).sum() < 0.05  # measured 4.1% (relative L1)
     with pytest.raises(ValueError, match="size needs one value or one per axis"):
         md.psf.from_beads(stack, (21, 31))
+
+
+def test_prepare_centres_on_the_mass_or_on_a_fitted_peak():
+    # a skewed bead: its centre of mass and its peak are in different places
+    grid = np.indices((31, 31), dtype=np.float64)
+    skewed = np.exp(-0.5 * (((grid[0] - 14.6) / 2.0) ** 2 + ((grid[1] - 15.3) / 1.5) ** 2))
+    skewed += 0.3 * np.exp(-0.5 * (((grid[0] - 19.0) / 3.0) ** 2 + ((grid[1] - 15.3) / 3.0) ** 2))
+    bead = 10000 * skewed + 100
+    by_mass = md.psf.prepare(bead, background=100.0, center="mass")
+    np.testing.assert_allclose(ndimage.center_of_mass(by_mass), (15, 15), atol=0.02)
+    by_peak = md.psf.prepare(bead, background=100.0, center="peak")
+    smooth = ndimage.gaussian_filter(by_peak.astype(np.float64), 1.0)
+    top = np.unravel_index(int(smooth.argmax()), smooth.shape)
+    assert top == (15, 15)
+    np.testing.assert_allclose(md.psf._fitted_peak(smooth, top), (15, 15), atol=0.05)
+    assert ndimage.center_of_mass(by_peak)[0] > 15.5  # the tail is left where it is
+    with pytest.raises(ValueError, match="center must be one of"):
+        md.psf.prepare(bead, center="middle")
+
+
+def test_confocal_with_an_index_mismatch_shifts_like_its_widefield_factors():
+    args = dict(na=1.4, n_immersion=1.515, n_sample=1.33, particle_depth=10.0)
+    shape, spacing = (61, 33, 33), (0.1, 0.05, 0.05)
+    confocal = md.psf.confocal(shape, spacing, excitation=0.5, emission=0.5, pinhole=0.0, **args)
+    widefield = md.psf.widefield(shape, spacing, wavelength=0.5, **args).astype(np.float64)
+    np.testing.assert_allclose(confocal, (widefield**2) / (widefield**2).sum(), rtol=1e-4, atol=1e-9)
+    assert int(np.argmax(confocal.sum(axis=(1, 2)))) != 30  # the focal shift moved the peak
