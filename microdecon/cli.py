@@ -160,6 +160,11 @@ def _psf(args: argparse.Namespace) -> int:
                 n_immersion=args.n_immersion,
                 n_sample=args.n_sample,
                 particle_depth=args.particle_depth,
+                n_immersion_design=args.n_immersion_design,
+                n_coverslip=args.n_coverslip,
+                coverslip=args.coverslip,
+                working_distance=args.working_distance,
+                oversample=args.oversample,
             )
         else:
             result = psf_module.confocal(
@@ -170,6 +175,9 @@ def _psf(args: argparse.Namespace) -> int:
                 na=args.na,
                 n_immersion=args.n_immersion,
                 pinhole=args.pinhole,
+                n_sample=args.n_sample,
+                particle_depth=args.particle_depth,
+                oversample=args.oversample,
             )
         source = f"model {args.model}"
     provenance = {"software": f"microdecon {__version__}", "psf": source}
@@ -222,6 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     psf.add_argument("--particle-depth", type=float, default=0.0, help="depth below the coverslip, um")
     psf.add_argument("--pinhole", type=float, default=1.0, help="confocal pinhole, Airy units (default 1)")
+    psf.add_argument("--n-immersion-design", type=float, default=None, help="design immersion index")
+    psf.add_argument("--n-coverslip", type=float, default=1.515, help="coverslip refractive index")
+    psf.add_argument("--coverslip", type=float, default=170.0, help="coverslip thickness, um (default 170)")
+    psf.add_argument("--working-distance", type=float, default=150.0, help="design working distance, um")
+    psf.add_argument(
+        "--oversample", type=int, default=3, help="sub-pixels per pixel along y and x (default 3)"
+    )
     psf.add_argument("--sigma", type=float, nargs="+", help="gaussian sigma, um")
     psf.add_argument("--energy", type=float, default=None, help="--from-bead: crop to this fraction of light")
     psf.add_argument("--size", type=int, nargs="+", help="--from-beads: window shape, voxels")

@@ -374,19 +374,44 @@ def _crop_centred(psf: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _energy_box(psf: np.ndarray, energy: float) -> tuple[int, ...]:
-    """Smallest odd-sized box around index n // 2 (grown on all axes alike) holding ``energy``."""
+    """Smallest box around index n // 2 holding ``energy`` of the light, grown greedily: each step
+    widens (by one voxel on both sides) the axis that adds the most light per added voxel."""
     total = float(psf.sum())
     centre = [n // 2 for n in psf.shape]
-    reach_max = max(max(c, n - 1 - c) for c, n in zip(centre, psf.shape))
-    for reach in range(reach_max + 1):
-        window = tuple(slice(max(c - reach, 0), min(c + reach + 1, n)) for c, n in zip(centre, psf.shape))
-        if float(psf[window].sum()) >= energy * total - 1e-12 * total:
-            return tuple(w.stop - w.start for w in window)
-    return psf.shape
+    reach = [0] * psf.ndim
+
+    def window(r):
+        return tuple(slice(max(c - q, 0), min(c + q + 1, n)) for c, q, n in zip(centre, r, psf.shape))
+
+    held = float(psf[window(reach)].sum())
+    while held < energy * total - 1e-12 * total:
+        best, best_gain = None, -1.0
+        for axis in range(psf.ndim):
+            current = window(reach)
+            if current[axis].start == 0 and current[axis].stop == psf.shape[axis]:
+                continue  # this axis is already whole
+            wider = list(reach)
+            wider[axis] += 1
+            grown = window(wider)
+            added_voxels = np.prod([w.stop - w.start for w in grown]) - np.prod(
+                [w.stop - w.start for w in current]
+            )
+            gain = (float(psf[grown].sum()) - held) / max(added_voxels, 1)
+            if gain > best_gain:
+                best, best_gain = axis, gain
+        if best is None:
+            break
+        reach[best] += 1
+        held = float(psf[window(reach)].sum())
+    return tuple(w.stop - w.start for w in window(reach))
 
 
 #: A local maximum at most this fraction of a neighbour's height is that neighbour's ring or lobe.
 RING_FRACTION = 0.2
+
+#: A peak this many times higher than its one-voxel-Gaussian smoothing is a single hot pixel: a
+#: PSF sampled at Nyquist (sigma >= 1 voxel) loses at most a factor 2.8 to that smoothing in 3-D.
+HOT_PIXEL_RATIO = 5.0
 
 
 class BeadAverage(NamedTuple):
@@ -410,7 +435,8 @@ def from_beads(
 
     Beads are the local maxima of the (slightly smoothed) stack that stand ``threshold`` noise
     standard deviations above the background. Kept are those whose whole ``size`` window lies
-    inside the stack, with no other bead within ``min_distance``, and below ``saturation``. Each is
+    inside the stack, with no other bead within ``min_distance``, below ``saturation`` and not a
+    single hot pixel (a peak far sharper than the optics can image). Each is
     cut out, cleaned and centred with sub-voxel accuracy by :func:`prepare`, and the centred beads
     are averaged with equal weight.
 
@@ -422,7 +448,7 @@ def from_beads(
         Window (and PSF) shape in voxels, odd sizes recommended; an int for every axis.
     min_distance : float, optional
         Closest allowed distance between two beads, in voxels (Euclidean); default: the window's
-        largest half-width, so that no window holds a second bead.
+        half-diagonal plus one, so that no window holds a second bead, not even in a corner.
     saturation : float, optional
         Raw value at or above which a bead counts as saturated and is dropped; default: the
         dtype's maximum for integer images, none for floats.
@@ -467,8 +493,8 @@ def from_beads(
         background = _validate.check_float(background, "background", minimum=None)
     if saturation is None and raw.dtype.kind in "ui":
         saturation = float(np.iinfo(raw.dtype).max)
-    if min_distance is None:
-        min_distance = max(s // 2 for s in size)
+    if min_distance is None:  # no other bead anywhere in a window, corners included
+        min_distance = float(np.sqrt(sum((s // 2) ** 2 for s in size))) + 1
     min_distance = _validate.check_float(min_distance, "min_distance")
     threshold = _validate.check_float(threshold, "threshold", strict=True)
 
@@ -510,6 +536,8 @@ def from_beads(
         window = tuple(slice(p - h, p - h + s) for p, h, s in zip(position, half, size))
         if saturation is not None and float(raw[window].max()) >= saturation:
             continue
+        if deviation[tuple(position)] > HOT_PIXEL_RATIO * smooth[tuple(position)]:
+            continue  # a hot pixel: far sharper than anything the optics can image
         kept.append((position, window))
     if not kept:
         raise ValueError(

@@ -321,3 +321,24 @@ def test_confocal_with_an_index_mismatch_shifts_like_its_widefield_factors():
     widefield = md.psf.widefield(shape, spacing, wavelength=0.5, **args).astype(np.float64)
     np.testing.assert_allclose(confocal, (widefield**2) / (widefield**2).sum(), rtol=1e-4, atol=1e-9)
     assert int(np.argmax(confocal.sum(axis=(1, 2)))) != 30  # the focal shift moved the peak
+
+
+def test_from_beads_ignores_hot_pixels():
+    rng = np.random.default_rng(6)
+    positions = [(16.0, y, x) for y in (30.0, 90.0) for x in (30.0, 90.0)]
+    stack = bead_stack(rng, positions, (2.0, 1.5, 1.5))
+    clean = md.psf.from_beads(stack, (15, 21, 21), min_distance=8)
+    stack[16, 60, 60] = 60000  # one hot camera pixel, far from the beads
+    with_hot = md.psf.from_beads(stack, (15, 21, 21), min_distance=8)
+    assert clean.count == with_hot.count == 4
+    np.testing.assert_allclose(with_hot.psf, clean.psf, atol=1e-7)
+
+
+def test_energy_crop_is_the_smallest_box_grown_axis_by_axis():
+    # elongated along z: a cube would waste voxels on y and x and still run short in z
+    psf = md.psf.gaussian((61, 61, 61), (6.0, 1.5, 1.5))
+    cropped = md.psf.prepare(psf * 1e4, background=0.0, energy=0.95)
+    inner = tuple(slice(30 - s // 2, 30 - s // 2 + s) for s in cropped.shape)
+    assert float(psf[inner].sum()) >= 0.95 * float(psf.sum())
+    assert cropped.shape[0] > 2 * cropped.shape[1]  # the box follows the PSF's shape
+    assert np.prod(cropped.shape) < 0.2 * max(cropped.shape) ** 3
