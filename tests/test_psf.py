@@ -102,7 +102,21 @@ def test_prepare_cleans_the_measured_lattice_light_sheet_bead():
     # clip keeps 14% within 5 voxels of the peak)
     core = tuple(slice(n // 2 - 5, n // 2 + 6) for n in raw.shape)
     assert float(psf[core].sum()) > 0.6
-    md.convolve(np.ones((8, 32, 32), np.float32), psf, device="cpu")  # usable as a PSF
+    # no floor of noise left far from the bead (a median subtraction and clip leaves about 40%)
+    shell = np.ones(raw.shape, bool)
+    shell[tuple(slice(10, n - 10) for n in raw.shape)] = False
+    assert float(psf[shell].sum()) < 0.02
+    # the brightest voxel is the bead's, within a voxel of the centre
+    peak = np.unravel_index(int(psf.argmax()), psf.shape)
+    assert all(abs(p - n // 2) <= 1 for p, n in zip(peak, raw.shape))
+    # an energy crop keeps what it promises and follows the PSF's elongated shape
+    cropped = md.psf.prepare(raw, energy=0.99)
+    window = tuple(slice(n // 2 - s // 2, n // 2 - s // 2 + s) for n, s in zip(raw.shape, cropped.shape))
+    assert float(psf[window].sum()) >= 0.99 - 1e-3 and np.prod(cropped.shape) < 0.5 * psf.size
+    # usable as it is: the operators image a point at the centre as exactly this PSF
+    point = np.zeros(raw.shape, np.float32)
+    point[tuple(n // 2 for n in raw.shape)] = 1
+    np.testing.assert_allclose(md.convolve(point, psf, boundary="periodic", device="cpu"), psf, atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -342,3 +356,24 @@ def test_energy_crop_is_the_smallest_box_grown_axis_by_axis():
     assert float(psf[inner].sum()) >= 0.95 * float(psf.sum())
     assert cropped.shape[0] > 2 * cropped.shape[1]  # the box follows the PSF's shape
     assert np.prod(cropped.shape) < 0.2 * max(cropped.shape) ** 3
+
+
+def test_models_on_the_cpu_are_numpy():
+    assert type(md.psf.gaussian((5, 5), 1.0, device="cpu")) is np.ndarray
+    with pytest.raises(ValueError, match="device"):
+        md.psf.gaussian((5, 5), 1.0, device="tpu")
+
+
+@pytest.mark.gpu
+def test_psf_tools_deliver_on_the_gpu(device):
+    if device != "gpu":
+        pytest.skip("GPU only")
+    import cupy
+
+    model = md.psf.widefield(
+        (9, 17, 17), (0.2, 0.1, 0.1), wavelength=0.5, na=1.2, n_immersion=1.33, device="gpu"
+    )
+    assert isinstance(model, cupy.ndarray) and abs(float(model.sum()) - 1) < 1e-5
+    bead = cupy.asarray(np.random.default_rng(0).poisson(5000 * md.psf.gaussian((21, 21), 2.0) / 0.04 + 50))
+    assert isinstance(md.psf.prepare(bead), cupy.ndarray)
+    assert isinstance(md.psf.resample(model, (0.2, 0.1, 0.1), (0.2, 0.2, 0.2)), cupy.ndarray)
