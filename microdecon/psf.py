@@ -533,6 +533,9 @@ def from_beads(
     # swallowed by a wide filter
     peaks = (smooth == ndimage.maximum_filter(smooth, size=3)) & (smooth > level)
     candidates = np.argwhere(peaks)
+    # a hot pixel is far sharper than anything the optics can image: not a bead, nor a neighbour
+    sharp = deviation[tuple(candidates.T)] > HOT_PIXEL_RATIO * smooth[tuple(candidates.T)]
+    candidates = candidates[~sharp]
     if len(candidates) == 0:
         raise ValueError("image has no bead in it: nothing stands above the background noise")
     half = np.array([s // 2 for s in size])
@@ -563,8 +566,6 @@ def from_beads(
         window = tuple(slice(p - h, p - h + s) for p, h, s in zip(position, half, size))
         if saturation is not None and float(raw[window].max()) >= saturation:
             continue
-        if deviation[tuple(position)] > HOT_PIXEL_RATIO * smooth[tuple(position)]:
-            continue  # a hot pixel: far sharper than anything the optics can image
         kept.append((position, window))
     if not kept:
         raise ValueError(
@@ -572,10 +573,11 @@ def from_beads(
             f"unsaturated and a whole window ({size}) away from the border"
         )
     total = np.zeros(size)
+    noise_sample = deviation.ravel()[:: max(1, deviation.size // 100_000)]  # enough for a robust spread
     for _, window in kept:
         bead = data[window] - background
         # unmasked: the faint out-of-focus light of each bead averages in (its noise averages out)
-        signal = _centred_signal(bead, deviation, center="mass", mask=False)
+        signal = _centred_signal(bead, noise_sample, center="mass", mask=False)
         total += signal / signal.sum()  # equal weights
     # Cut the noise that is left only now, on the average, where it is sqrt(count) times lower
     # than on any one bead, so faint out-of-focus light survives; then clip once.
