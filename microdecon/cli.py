@@ -151,34 +151,35 @@ def _psf(args: argparse.Namespace) -> int:
                 raise ValueError("--model gaussian needs --sigma (micrometres, one or one per axis)")
             sigma = tuple(args.sigma) if len(args.sigma) > 1 else args.sigma[0]
             result = psf_module.gaussian(tuple(args.shape), sigma, spacing=spacing)
-        elif args.model == "widefield":
-            result = psf_module.widefield(
-                tuple(args.shape),
-                spacing,
-                wavelength=args.wavelength,
-                na=args.na,
-                n_immersion=args.n_immersion,
-                n_sample=args.n_sample,
-                particle_depth=args.particle_depth,
-                n_immersion_design=args.n_immersion_design,
-                n_coverslip=args.n_coverslip,
-                coverslip=args.coverslip,
-                working_distance=args.working_distance,
-                oversample=args.oversample,
-            )
         else:
-            result = psf_module.confocal(
-                tuple(args.shape),
-                spacing,
-                excitation=args.excitation,
-                emission=args.wavelength,
+            # what the widefield and confocal models share
+            optics = dict(
                 na=args.na,
                 n_immersion=args.n_immersion,
-                pinhole=args.pinhole,
                 n_sample=args.n_sample,
                 particle_depth=args.particle_depth,
                 oversample=args.oversample,
             )
+            if args.model == "widefield":
+                result = psf_module.widefield(
+                    tuple(args.shape),
+                    spacing,
+                    wavelength=args.wavelength,
+                    **optics,
+                    n_immersion_design=args.n_immersion_design,
+                    n_coverslip=args.n_coverslip,
+                    coverslip=args.coverslip,
+                    working_distance=args.working_distance,
+                )
+            else:
+                result = psf_module.confocal(
+                    tuple(args.shape),
+                    spacing,
+                    excitation=args.excitation,
+                    emission=args.wavelength,
+                    pinhole=args.pinhole,
+                    **optics,
+                )
         source = f"model {args.model}"
     provenance = {"software": f"microdecon {__version__}", "psf": source}
     io.imwrite(args.output, result, {"spacing": spacing, "provenance": provenance})

@@ -56,8 +56,8 @@ def gaussian(
 
     Returns
     -------
-    numpy.ndarray
-        float32 array of ``shape``.
+    array
+        float32 array of ``shape``; NumPy, or CuPy for a GPU ``device``.
 
     Examples
     --------
