@@ -4,13 +4,30 @@ from __future__ import annotations
 
 from typing import Any
 
-from .richardson_lucy import richardson_lucy
-from .wiener import wiener
+from ._stopping import IterationInfo, StoppingRule
+from .richardson_lucy import richardson_lucy, richardson_lucy_tv
+from .wiener import inverse, tikhonov, wiener
 
-__all__ = ["METHODS", "deconvolve", "richardson_lucy", "wiener"]
+__all__ = [
+    "METHODS",
+    "IterationInfo",
+    "StoppingRule",
+    "deconvolve",
+    "inverse",
+    "richardson_lucy",
+    "richardson_lucy_tv",
+    "tikhonov",
+    "wiener",
+]
 
-#: Method names accepted by :func:`deconvolve`.
-METHODS = {"rl": richardson_lucy, "wiener": wiener}
+#: Method names accepted by :func:`deconvolve`, and the function each runs.
+METHODS = {
+    "rl": richardson_lucy,
+    "rl-tv": richardson_lucy_tv,
+    "wiener": wiener,
+    "tikhonov": tikhonov,
+    "inverse": inverse,
+}
 
 
 def deconvolve(image: Any, psf: Any, method: str = "rl", *, device: str = "auto", **params: Any):
@@ -20,8 +37,10 @@ def deconvolve(image: Any, psf: Any, method: str = "rl", *, device: str = "auto"
     ----------
     image, psf : array_like
         As for the method.
-    method : {"rl", "wiener"}
-        "rl": :func:`richardson_lucy` (accelerated by default); "wiener": :func:`wiener`.
+    method : str
+        "rl": :func:`richardson_lucy` (accelerated by default);
+        "rl-tv": :func:`richardson_lucy_tv` (RL with total variation, for noisy data);
+        "wiener": :func:`wiener`; "tikhonov": :func:`tikhonov`; "inverse": :func:`inverse`.
     device : {"auto", "cpu", "gpu", "gpu:N"}
     **params
         Keyword arguments of the method, e.g. ``num_iter=30`` or ``balance=1e-3``.

@@ -14,6 +14,11 @@ past the image edge to explain light from outside it.
 Acceleration is Biggs & Andrews (1997) first-order vector extrapolation: each RL step starts from
 ``x_k + alpha_k (x_k - x_{k-1})`` with ``alpha_k`` the correlation of the last two RL updates.
 
+Total-variation regularization (Dey et al. 2006) adds ``tv * TV(x)`` to the negative Poisson
+log-likelihood; its one-step-late update divides by ``H^T 1 - tv * div(grad x / |grad x|)``, which
+flattens noise in uniform regions while keeping edges. The divergence of a unit field is at most
+``2 ndim`` in size, so weights up to ~0.01 keep the denominator near ``H^T 1``.
+
 References
 ----------
 .. [1] W. H. Richardson, "Bayesian-based iterative method of image restoration", JOSA 62 (1972).
@@ -21,6 +26,8 @@ References
        AJ 79 (1974).
 .. [3] D. S. C. Biggs and M. Andrews, "Acceleration of iterative image restoration
        algorithms", Applied Optics 36 (1997).
+.. [5] N. Dey et al., "Richardson-Lucy algorithm with total variation regularization for 3D
+       confocal microscope deconvolution", Microscopy Research and Technique 69 (2006).
 .. [4] M. Bertero and P. Boccacci, "A simple method for the reduction of boundary effects in the
        Richardson-Lucy approach to image deconvolution", A&A 437 (2005).
 """
@@ -34,9 +41,11 @@ import numpy as np
 
 from .. import _validate
 from .._backend import Backend, get_backend, return_like
+from ..metrics import i_divergence
 from ..operators import Boundary, Convolution
+from ._stopping import StoppingRule
 
-__all__ = ["richardson_lucy"]
+__all__ = ["richardson_lucy", "richardson_lucy_tv"]
 
 #: Object voxels that send less than this fraction of their light into the image are left at
 #: zero: they are too weakly constrained by the data to estimate ("non-circulant" margins).
@@ -46,6 +55,19 @@ MIN_VISIBLE_FRACTION = 1e-3
 #: the data saves iterations, and the flat share keeps every voxel positive.
 INITIAL_FLAT_FRACTION = 0.05
 
+#: TV weights above this make the one-step-late denominator lose its sign where the estimate is
+#: noisy: the iteration then diverges (Dey et al. 2006 use 0.002-0.02).
+MAX_TV = 0.05
+
+#: The weight :func:`richardson_lucy_tv` uses unless told: on a phantom with Poisson noise it gains
+#: 6 dB over plain RL at 15 photons per voxel, 1.4 dB at 200, and loses 1.7 dB at 5000 (where little
+#: noise is left to suppress); Dey et al.'s own examples use 0.002.
+DEFAULT_TV = 0.002
+
+#: Gradient magnitudes are floored at this (at the unit scale the run works in, where the image
+#: peaks at 1): it keeps ``grad x / |grad x|`` finite in perfectly flat regions.
+TV_EPSILON = 1e-4
+
 
 def richardson_lucy(
     image: Any,
@@ -53,11 +75,13 @@ def richardson_lucy(
     num_iter: int = 30,
     *,
     accelerate: bool = True,
+    tv: float = 0.0,
     boundary: Boundary = "non-circulant",
     background: Any = 0.0,
+    tol: float | None = None,
     device: str = "auto",
     progress: bool = False,
-    callback: Callable[[int, Any], bool | None] | None = None,
+    callback: Callable[..., bool | None] | None = None,
 ):
     """Restore ``image`` blurred by ``psf`` with Richardson–Lucy iterations.
 
@@ -70,17 +94,25 @@ def richardson_lucy(
         Point spread function with one axis per image axis, any size (it may be larger than the
         image), centre at index ``n // 2``, non-negative; normalized to sum 1 here.
     num_iter : int, >= 0
-        Number of iterations. With ``accelerate=True``, 10-30 is typical; plain RL needs
+        Most iterations to run. With ``accelerate=True``, 10-30 is typical; plain RL needs
         several times more for the same sharpness.
     accelerate : bool
         Biggs–Andrews vector extrapolation: the same restoration in several times fewer
         iterations, for two extra image-sized buffers.
+    tv : float, 0 to 0.05
+        Weight of total-variation regularization (dimensionless: the image's scale does not
+        change its effect). 0 is plain RL; 0.001-0.01 suppresses the noise that RL amplifies at
+        low photon counts, at the cost of flattening fine texture. Costs a few image-sized
+        temporaries per iteration.
     boundary : {"non-circulant", "periodic", "reflect"}
         How the object continues past the image edges; see :mod:`microdecon.operators`.
         "non-circulant" restores objects cut by the border without wrap-around or ringing.
     background : float or array_like, >= 0
         Additive background (camera offset plus diffuse light) in image units; part of the
         forward model ``H x + background``, not subtracted from the result.
+    tol : float > 0, optional
+        Stop early once an iteration changes the estimate by less than ``tol`` relative to its
+        size, ``||x_k - x_{k-1}|| / ||x_{k-1}||`` (e.g. 1e-3). Costs one image-sized copy.
     device : {"auto", "cpu", "gpu", "gpu:N"}
         Where to compute; "auto" takes a GPU when one is usable, else the CPU.
     progress : bool
@@ -88,7 +120,9 @@ def richardson_lucy(
     callback : callable, optional
         ``callback(iteration, estimate)`` after each iteration (``iteration`` counts from 1;
         ``estimate`` is the current image-shaped estimate on the compute device, valid only
-        during the call: copy what you keep). Return ``True`` to stop early.
+        during the call: copy what you keep). Return ``True`` to stop early. A callback with a
+        third parameter also gets an :class:`~microdecon.restore.IterationInfo` with the
+        relative change and the I-divergence (Poisson misfit) of the data.
 
     Returns
     -------
@@ -108,21 +142,52 @@ def richardson_lucy(
     image = _validate.check_array(image, "image")
     psf = _validate.check_psf(psf, image.ndim)
     num_iter = _validate.check_int(num_iter, "num_iter", minimum=0)
+    tv = _validate.check_float(tv, "tv")
+    if tv > MAX_TV:
+        raise ValueError(f"tv must be <= {MAX_TV} (larger weights make RL-TV diverge), got {tv}")
     _validate.check_choice(boundary, "boundary", _validate.BOUNDARIES)
     background = _validate.check_background(background, tuple(image.shape))
-    _validate.check_callback(callback)
+    rule = StoppingRule(tol, callback)
     backend = get_backend(image, psf, device=device)
     with backend.activate():
         op = Convolution(psf, tuple(image.shape), boundary=boundary, backend=backend)
-        solver = _RichardsonLucy(op, image, background)
-        result = solver.run(num_iter, accelerate=bool(accelerate), progress=bool(progress), callback=callback)
+        solver = _RichardsonLucy(op, image, background, tv=tv)
+        result = solver.run(num_iter, accelerate=bool(accelerate), progress=bool(progress), rule=rule)
     return return_like(result, image, backend)
+
+
+def richardson_lucy_tv(image: Any, psf: Any, num_iter: int = 30, *, tv: float = DEFAULT_TV, **params: Any):
+    """Richardson–Lucy with total-variation regularization (RL-TV, Dey et al. 2006).
+
+    :func:`richardson_lucy` with a non-zero default ``tv``: the method of choice for noisy,
+    low-photon data. ``params`` are those of :func:`richardson_lucy`.
+
+    Parameters
+    ----------
+    image, psf, num_iter
+        As for :func:`richardson_lucy`.
+    tv : float, 0 to 0.05
+        Regularization weight (dimensionless). The default, 0.002, suits most data; raise it
+        towards 0.01-0.02 for very few photons per voxel, lower it for bright, clean data.
+
+    Examples
+    --------
+    >>> import numpy as np, microdecon as md
+    >>> rng = np.random.default_rng(0)
+    >>> truth = md.data.phantom((48, 48), seed=0) * 10
+    >>> psf = md.psf.gaussian((9, 9), 1.5)
+    >>> noisy = rng.poisson(md.convolve(truth, psf, device="cpu").clip(0)).astype(np.float32)
+    >>> out = md.restore.richardson_lucy_tv(noisy, psf, device="cpu")
+    >>> md.metrics.psnr(truth, out) > md.metrics.psnr(truth, noisy)
+    True
+    """
+    return richardson_lucy(image, psf, num_iter, tv=tv, **params)
 
 
 class _RichardsonLucy:
     """State of one RL run: the data on the device, the normalization and the update step."""
 
-    def __init__(self, op: Convolution, image: Any, background: Any):
+    def __init__(self, op: Convolution, image: Any, background: Any, tv: float = 0.0):
         be: Backend = op.backend
         xp = be.xp
         self.op, self.be, self.xp = op, be, xp
@@ -140,6 +205,8 @@ class _RichardsonLucy:
             self.background = np.float32(background / self.scale)
         else:
             self.background = be.asarray(background) / np.float32(self.scale)
+        self.tv = tv
+        self.divergence = None  # of the last forward model, when a stopping rule asks for it
         # Denominators below this are noise: a floor stops 0/0 and blow-ups in empty regions.
         self.floor = np.float32(1e-6)
         # H^T 1, the fraction of each voxel's light that the image sees; the update divides by
@@ -175,15 +242,53 @@ class _RichardsonLucy:
             x *= self.support
         return x
 
-    def correction(self, estimate, staged: bool = False):
-        """``H^T (y / (H x + b))``, the RL correction before normalization (scratch memory)."""
+    def correction(self, estimate, staged: bool = False, divergence: bool = False):
+        """``H^T (y / (H x + b))``, the RL correction before normalization (scratch memory).
+
+        ``divergence`` also measures the I-divergence of the data from ``H x + b`` (in image
+        units, into ``self.divergence``) before the ratio overwrites the blurred estimate.
+        """
         blurred = self.op.forward(estimate, staged=staged)
+        if divergence:
+            data = self.xp.multiply(self.image, self.image_scale, dtype=np.float32)
+            self.divergence = i_divergence(data, blurred + self.background) * self.scale
+            del data
         self.be.rl_ratio(
             self.image, blurred, self.background, self.floor, self.image_scale, self.image_has_negatives
         )
         return self.op.adjoint()  # the ratio was written in place into the forward's output
 
-    def run(self, num_iter: int, *, accelerate: bool, progress: bool, callback):
+    def tv_factor(self, estimate, out=None):
+        """``1 / (1 - tv * div(grad x / |grad x|) / H^T 1)``: RL-TV's one-step-late factor.
+
+        Multiplying the correction by it turns the RL update into Dey et al.'s. Forward
+        differences for the gradient and backward ones for the divergence make the pair adjoint
+        (up to sign), as the variational derivation needs. Floored so that the factor stays below
+        10: where the estimate is nearly flat the unit field can point anywhere.
+        """
+        xp = self.xp
+        ndim = estimate.ndim
+        magnitude = xp.full(estimate.shape, np.float32(TV_EPSILON**2), dtype=np.float32)
+        for axis in range(ndim):
+            gradient = _forward_difference(estimate, axis, xp)
+            magnitude += gradient * gradient
+        xp.sqrt(magnitude, out=magnitude)
+        xp.reciprocal(magnitude, out=magnitude)
+        divergence = xp.zeros(estimate.shape, dtype=np.float32) if out is None else out
+        divergence[...] = 0
+        for axis in range(ndim):
+            unit = _forward_difference(estimate, axis, xp)
+            unit *= magnitude
+            _add_backward_difference(divergence, unit, axis)
+        del magnitude
+        divergence *= np.float32(-self.tv)
+        if self.normalization is not None:
+            divergence *= self.normalization
+        divergence += np.float32(1)
+        xp.maximum(divergence, np.float32(0.1), out=divergence)
+        return xp.reciprocal(divergence, out=divergence)
+
+    def run(self, num_iter: int, *, accelerate: bool, progress: bool, rule: StoppingRule):
         from tqdm.auto import tqdm
 
         be = self.be
@@ -197,26 +302,40 @@ class _RichardsonLucy:
             update_prev = be.empty(current.shape, np.uint16)
         alpha = 0.0
         have_update = False
+        tv_factor = be.empty(current.shape) if self.tv > 0 else None
+        previous = None  # the last image-shaped estimate, when the relative change is wanted
         # Each step also writes its result where the next transform reads (the FFT's own buffer,
         # or spent scratch): that spares a copy, and the predicted point needs no array of its own.
-        staged = self.op.staging_buffer() is not None
+        # RL-TV reads the point before the transform destroys it, so it stages nothing.
+        staged = self.op.staging_buffer() is not None and tv_factor is None
         if staged and not accelerate:
             be.copy(self.op.staging_buffer(), current)
+        want_divergence = rule.needs_divergence
         with tqdm(total=num_iter, desc="Richardson-Lucy", disable=not progress, leave=False) as bar:
             for iteration in range(1, num_iter + 1):
+                if rule.needs_change:
+                    previous = self.op.restrict(current).copy()
                 if not accelerate:
-                    correction = self.correction(current, staged)
+                    if tv_factor is not None:
+                        self.tv_factor(current, out=tv_factor)
+                    correction = self.correction(current, staged, want_divergence)
+                    if tv_factor is not None:
+                        correction *= tv_factor
                     stage = self.op.staging_buffer() if staged and iteration < num_iter else None
                     be.rl_update(current, correction, self.normalization, current, stage)
                 else:
                     known_step = step if have_update else None
                     if staged:
                         be.predict(current, known_step, alpha, self.op.staging_buffer())
-                        correction = self.correction(None, staged=True)
+                        correction = self.correction(None, True, want_divergence)
                     else:
-                        correction = self.correction(
-                            be.predict(current, known_step, alpha, be.empty(current.shape))
-                        )
+                        predicted = be.predict(current, known_step, alpha, be.empty(current.shape))
+                        if tv_factor is not None:
+                            self.tv_factor(predicted, out=tv_factor)
+                        correction = self.correction(predicted, False, want_divergence)
+                        del predicted
+                    if tv_factor is not None:
+                        correction *= tv_factor
                     # current <- x_{k+1}; step, update_prev <- x_{k+1} - x_k, x_{k+1} - predicted
                     cross, norm = be.rl_accelerated_update(
                         current, step, alpha, correction, self.normalization, update_prev, have_update
@@ -225,16 +344,53 @@ class _RichardsonLucy:
                         alpha = _extrapolation_weight(cross, norm)
                     have_update = True
                 bar.update()
-                if callback is not None and callback(iteration, self.in_image_units(current)):
+                change = None
+                if previous is not None:
+                    change = _relative_change(self.op.restrict(current), previous, self.xp)
+                estimate = lambda: self.in_image_units(current)  # noqa: E731 - made only if asked for
+                if rule(iteration, estimate, change=change, divergence=self.divergence):
                     break
         if accelerate:
             del step, update_prev  # before the result is made: lower peak memory
+        del tv_factor, previous
         return self.in_image_units(current)
 
     def in_image_units(self, estimate):
         """The image-shaped part of an estimate in the image's units, clipped at zero (a new array)."""
         result = self.op.restrict(estimate) * np.float32(self.scale)
         return self.xp.maximum(result, 0, out=result)
+
+
+def _forward_difference(x, axis: int, xp):
+    """``x[i+1] - x[i]`` along ``axis``, 0 at the last index (a new array of ``x``'s shape)."""
+    out = xp.zeros(x.shape, dtype=np.float32)
+    n = x.shape[axis]
+    if n > 1:
+        head = [slice(None)] * x.ndim
+        tail = [slice(None)] * x.ndim
+        head[axis], tail[axis] = slice(0, n - 1), slice(1, n)
+        xp.subtract(x[tuple(tail)], x[tuple(head)], out=out[tuple(head)])
+    return out
+
+
+def _add_backward_difference(out, field, axis: int) -> None:
+    """``out += field[i] - field[i-1]`` along ``axis`` with ``field[-1] = 0`` (minus the
+    adjoint of :func:`_forward_difference`, whose last entry is always 0)."""
+    n = field.shape[axis]
+    head = [slice(None)] * field.ndim
+    tail = [slice(None)] * field.ndim
+    head[axis], tail[axis] = slice(0, n - 1), slice(1, n)
+    out += field
+    if n > 1:
+        out[tuple(tail)] -= field[tuple(head)]
+
+
+def _relative_change(current, previous, xp) -> float:
+    """``||current - previous|| / ||previous||`` (``previous`` is overwritten)."""
+    reference = float(xp.sqrt(xp.vdot(previous.ravel(), previous.ravel()).real))
+    previous -= current
+    difference = float(xp.sqrt(xp.vdot(previous.ravel(), previous.ravel()).real))
+    return difference / reference if reference > 0 else (0.0 if difference == 0 else float("inf"))
 
 
 def _extrapolation_weight(cross: float, norm: float) -> float:
