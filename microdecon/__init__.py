@@ -8,9 +8,18 @@ Examples
 dtype('float32')
 """
 
-from . import data, io, metrics, psf
+from . import data, io, metrics, psf, skimage
 from .operators import convolve, convolve_transpose
-from .restore import deconvolve, richardson_lucy, wiener
+from .restore import (
+    deconvolve,
+    fista,
+    inverse,
+    landweber,
+    richardson_lucy,
+    tikhonov,
+    unsupervised_wiener,
+    wiener,
+)
 
 __version__ = "0.1.0"
 
@@ -19,10 +28,16 @@ __all__ = [
     "convolve_transpose",
     "data",
     "deconvolve",
+    "fista",
+    "inverse",
     "io",
+    "landweber",
     "metrics",
     "psf",
     "richardson_lucy",
+    "skimage",
+    "tikhonov",
+    "unsupervised_wiener",
     "wiener",
     "__version__",
 ]

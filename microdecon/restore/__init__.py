@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from ._stopping import IterationInfo, StoppingRule
+from .gradient import fista, landweber
 from .richardson_lucy import richardson_lucy, richardson_lucy_tv
+from .unsupervised_wiener import unsupervised_wiener
 from .wiener import inverse, tikhonov, wiener
 
 __all__ = [
@@ -13,10 +15,13 @@ __all__ = [
     "IterationInfo",
     "StoppingRule",
     "deconvolve",
+    "fista",
     "inverse",
+    "landweber",
     "richardson_lucy",
     "richardson_lucy_tv",
     "tikhonov",
+    "unsupervised_wiener",
     "wiener",
 ]
 
@@ -27,6 +32,9 @@ METHODS = {
     "wiener": wiener,
     "tikhonov": tikhonov,
     "inverse": inverse,
+    "landweber": landweber,
+    "fista": fista,
+    "unsupervised-wiener": unsupervised_wiener,
 }
 
 
@@ -40,7 +48,11 @@ def deconvolve(image: Any, psf: Any, method: str = "rl", *, device: str = "auto"
     method : str
         "rl": :func:`richardson_lucy` (accelerated by default);
         "rl-tv": :func:`richardson_lucy_tv` (RL with total variation, for noisy data);
-        "wiener": :func:`wiener`; "tikhonov": :func:`tikhonov`; "inverse": :func:`inverse`.
+        "wiener": :func:`wiener`; "tikhonov": :func:`tikhonov`; "inverse": :func:`inverse`;
+        "landweber": :func:`landweber` (projected gradient, for comparison);
+        "fista": :func:`fista` (l1-sparse, for beads and spots);
+        "unsupervised-wiener": :func:`unsupervised_wiener` (Wiener with the noise and prior
+        learned by Gibbs sampling).
     device : {"auto", "cpu", "gpu", "gpu:N"}
     **params
         Keyword arguments of the method, e.g. ``num_iter=30`` or ``balance=1e-3``.
