@@ -22,19 +22,41 @@ from .restore import METHODS, deconvolve
 __all__ = ["main"]
 
 
+def _accepted(method: str) -> set[str]:
+    """The keyword arguments the function behind ``method`` takes (through wrappers)."""
+    import inspect
+
+    from .restore import richardson_lucy
+
+    function = METHODS[method]
+    names = set(inspect.signature(function).parameters)
+    if "params" in names:  # a thin wrapper (rl-tv) passes the rest on to richardson_lucy
+        names |= set(inspect.signature(richardson_lucy).parameters)
+    return names
+
+
 def _method_params(args: argparse.Namespace) -> dict:
-    if args.method == "rl":
-        return {
-            "num_iter": args.num_iter,
-            "boundary": args.boundary,
-            "background": args.background,
-            "progress": not args.quiet,
-        }
-    return {
-        "balance": args.balance if args.balance is not None else "auto",
-        "boundary": args.boundary,
-        "background": args.background,
+    """The flags that apply to the chosen method; a flag the method has no use for is an error."""
+    accepted = _accepted(args.method)
+    given = {
+        "num_iter": args.num_iter,
+        "balance": args.balance,
+        "tv": args.tv,
+        "tol": args.tol,
     }
+    params = {"boundary": args.boundary, "background": args.background}
+    for name, value in given.items():
+        if value is None:
+            continue  # the method's own default
+        if name not in accepted:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} does not apply to --method {args.method}")
+        params[name] = value
+    if args.method == "wiener" or args.method == "tikhonov":
+        params.setdefault("balance", "auto")
+    if "progress" in accepted:
+        params["progress"] = not args.quiet
+    return params
 
 
 def _provenance(args: argparse.Namespace, params: dict, psf_source: str, device: str) -> dict:
@@ -189,8 +211,14 @@ def _psf(args: argparse.Namespace) -> int:
 
 def _add_method_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=sorted(METHODS), default="rl")
-    parser.add_argument("--num-iter", type=int, default=30, help="RL iterations (default 30)")
-    parser.add_argument("--balance", type=float, default=None, help="Wiener balance (default: auto)")
+    parser.add_argument(
+        "--num-iter", type=int, default=None, help="iterations of an iterative method (default: its own)"
+    )
+    parser.add_argument(
+        "--balance", type=float, default=None, help="wiener/tikhonov weight (default: chosen from the data)"
+    )
+    parser.add_argument("--tv", type=float, default=None, help="total-variation weight of rl / rl-tv")
+    parser.add_argument("--tol", type=float, default=None, help="stop once the relative change is below this")
     parser.add_argument("--boundary", choices=list(_validate.BOUNDARIES), default="non-circulant")
     parser.add_argument(
         "--background", type=float, default=None, help="additive background in counts (camera offset)"

@@ -156,3 +156,27 @@ def test_psf_command_refuses_impossible_optics_and_writes_nothing(tmp_path, caps
     )
     assert "na (1.6) must be smaller than n_immersion" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_every_method_runs_from_the_command_with_its_own_flags(tmp_path, capsys, monkeypatch):
+    from microdecon.restore import METHODS
+
+    calls = []
+
+    def spy(image, psf, method, device, **params):
+        calls.append((method, params))
+        return np.zeros(image.shape, np.float32)
+
+    monkeypatch.setattr("microdecon.cli.deconvolve", spy)
+    for method in METHODS:
+        assert main(["demo", "-q", "--method", method, "-o", str(tmp_path / method)]) == 0
+    seen = dict(calls)
+    assert set(seen) == set(METHODS)
+    assert seen["wiener"]["balance"] == "auto" and "num_iter" not in seen["wiener"]
+    assert "progress" in seen["rl-tv"] and "progress" not in seen["inverse"]
+    assert main(["demo", "-q", "--method", "rl", "--tv", "0.01", "--tol", "1e-3", "-o", str(tmp_path)]) == 0
+    assert calls[-1][1]["tv"] == 0.01 and calls[-1][1]["tol"] == 1e-3
+    capsys.readouterr()
+    assert main(["demo", "-q", "--method", "wiener", "--num-iter", "5", "-o", str(tmp_path)]) == 2
+    assert "--num-iter does not apply to --method wiener" in capsys.readouterr().err
+    assert main(["demo", "-q", "--method", "inverse", "--tv", "0.01", "-o", str(tmp_path)]) == 2
