@@ -84,18 +84,18 @@ def ssim(reference: Any, estimate: Any, *, data_range: float | None = None) -> f
 def i_divergence(image: Any, model: Any) -> float:
     """Csiszár's I-divergence ``sum(y log(y / m) - y + m)`` of data ``y`` from a model ``m``.
 
-    The Poisson negative log-likelihood of ``y`` given mean ``m``, less its minimum: 0 when
-    ``m == y``, positive otherwise. ``0 log 0`` counts as 0; model values are floored at 1e-12
-    times the data's maximum inside the logarithm, so that an empty model voxel under signal costs
-a lot, not infinity.
-    Computed on the arrays' device.
+        The Poisson negative log-likelihood of ``y`` given mean ``m``, less its minimum: 0 when
+        ``m == y``, positive otherwise. ``0 log 0`` counts as 0; model values are floored at 1e-12
+        times the data's maximum inside the logarithm, so that an empty model voxel under signal costs
+    a lot, not infinity.
+        Computed on the arrays' device.
 
-    Examples
-    --------
-    >>> import numpy as np
-    >>> y = np.array([1.0, 2.0, 0.0])
-    >>> i_divergence(y, y), round(i_divergence(y, np.array([2.0, 2.0, 1.0])), 4)
-    (0.0, 1.3069)
+        Examples
+        --------
+        >>> import numpy as np
+        >>> y = np.array([1.0, 2.0, 0.0])
+        >>> i_divergence(y, y), round(i_divergence(y, np.array([2.0, 2.0, 1.0])), 4)
+        (0.0, 1.3069)
     """
     be, y, m = _pair(image, model)
     xp = be.xp
