@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ._stopping import IterationInfo, StoppingRule
+from .blind import BlindResult, blind_richardson_lucy, estimate_psf_blind
 from .gradient import fista, landweber
 from .richardson_lucy import richardson_lucy, richardson_lucy_tv
 from .unsupervised_wiener import unsupervised_wiener
@@ -12,9 +13,12 @@ from .wiener import inverse, tikhonov, wiener
 
 __all__ = [
     "METHODS",
+    "BlindResult",
     "IterationInfo",
     "StoppingRule",
+    "blind_richardson_lucy",
     "deconvolve",
+    "estimate_psf_blind",
     "fista",
     "inverse",
     "landweber",
@@ -35,6 +39,7 @@ METHODS = {
     "landweber": landweber,
     "fista": fista,
     "unsupervised-wiener": unsupervised_wiener,
+    "blind-rl": blind_richardson_lucy,
 }
 
 
@@ -52,7 +57,8 @@ def deconvolve(image: Any, psf: Any, method: str = "rl", *, device: str = "auto"
         "landweber": :func:`landweber` (projected gradient, for comparison);
         "fista": :func:`fista` (l1-sparse, for beads and spots);
         "unsupervised-wiener": :func:`unsupervised_wiener` (Wiener with the noise and prior
-        learned by Gibbs sampling).
+        learned by Gibbs sampling);
+        "blind-rl": :func:`blind_richardson_lucy` (the PSF refined from a guess with the image).
     device : {"auto", "cpu", "gpu", "gpu:N"}
     **params
         Keyword arguments of the method, e.g. ``num_iter=30`` or ``balance=1e-3``.
