@@ -9,7 +9,8 @@ memory is its own: the high-water mark of resident memory during the first call,
 resident before (the input is already there and is not counted; FFT plans made during the call
 are). Time per iteration is the best wall time of two more calls over their iterations; the FFT
 floor is the best time of the four real FFTs one RL iteration needs at the padded size.
-Results go to DIR/results.md and DIR/results.json.
+Results go to DIR/results.md and DIR/results.json; then benchmarks/quality.py adds the quality of
+every method (DIR/quality.md and .json).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+
+import quality  # noqa: E402  (benchmarks/quality.py, beside this script)
 
 import microdecon as md  # noqa: E402
 from microdecon import _backend  # noqa: E402
@@ -328,7 +331,9 @@ def main(argv=None) -> int:
     output.mkdir(parents=True, exist_ok=True)
     (output / "results.md").write_text(table + "\n")
     (output / "results.json").write_text(json.dumps(results, indent=1, default=float))
-    return 0
+    # every method's quality on one phantom (benchmarks/quality.py, also runnable alone)
+    print("running the quality table ...", file=sys.stderr, flush=True)
+    return quality.main(["--output", str(output)] + (["--quick"] if args.quick else []))
 
 
 if __name__ == "__main__":

@@ -79,6 +79,7 @@ from .richardson_lucy import (
     INITIAL_FLAT_FRACTION,
     MIN_VISIBLE_FRACTION,
     _extrapolation_weight,
+    _load_poisson_data,
     _relative_change,
 )
 
@@ -404,16 +405,7 @@ class _BlindRichardsonLucy:
         self.be, self.xp, self.boundary = be, xp, boundary
         self.image_shape = tuple(image.shape)
         # As in RL: the data stay in their own dtype, and the work runs at unit scale.
-        self.image = be.asarray(image, dtype=None)
-        self.image_has_negatives = self.image.dtype.kind != "u" and float(self.image.min()) < 0
-        level = background if isinstance(background, float) else float(background.max())
-        self.scale = max(float(self.image.max()), level, 1e-30)
-        self.image_scale = np.float32(1 / self.scale)
-        if isinstance(background, float):
-            self.background = np.float32(background / self.scale)
-        else:
-            self.background = be.asarray(background) / np.float32(self.scale)
-        self.floor = np.float32(1e-6)
+        _load_poisson_data(self, be, image, background)
         self.psf = be.asarray(psf)
         self.mask = None if mask is None else be.asarray(mask, dtype=np.float32)
         self.smoothing = None

@@ -184,6 +184,28 @@ def richardson_lucy_tv(image: Any, psf: Any, num_iter: int = 30, *, tv: float = 
     return richardson_lucy(image, psf, num_iter, tv=tv, **params)
 
 
+def _load_poisson_data(solver: Any, be: Backend, image: Any, background: Any) -> None:
+    """Set the data attributes an RL-type solver shares: ``image`` (as given, on the device),
+    ``image_has_negatives``, ``scale`` and ``image_scale``, ``background`` at unit scale, and the
+    denominator ``floor``."""
+    # The data stay as the caller gave them (on the device, in their own dtype): the ratio
+    # kernel clips, converts and scales them on the fly, so no float32 copy is made and the
+    # caller's array is never written.
+    solver.image = be.asarray(image, dtype=None)
+    solver.image_has_negatives = solver.image.dtype.kind != "u" and float(solver.image.min()) < 0
+    level = background if isinstance(background, float) else float(background.max())
+    # RL is scale-equivariant; working at unit scale keeps float32 sums and dot products far
+    # from overflow (1e30 counts) and underflow alike. The result is scaled back at the end.
+    solver.scale = max(float(solver.image.max()), level, 1e-30)
+    solver.image_scale = np.float32(1 / solver.scale)
+    if isinstance(background, float):
+        solver.background = np.float32(background / solver.scale)
+    else:
+        solver.background = be.asarray(background) / np.float32(solver.scale)
+    # Denominators below this are noise: a floor stops 0/0 and blow-ups in empty regions.
+    solver.floor = np.float32(1e-6)
+
+
 class _RichardsonLucy:
     """State of one RL run: the data on the device, the normalization and the update step."""
 
@@ -191,24 +213,9 @@ class _RichardsonLucy:
         be: Backend = op.backend
         xp = be.xp
         self.op, self.be, self.xp = op, be, xp
-        # The data stay as the caller gave them (on the device, in their own dtype): the ratio
-        # kernel clips, converts and scales them on the fly, so no float32 copy is made and the
-        # caller's array is never written.
-        self.image = be.asarray(image, dtype=None)
-        self.image_has_negatives = self.image.dtype.kind != "u" and float(self.image.min()) < 0
-        level = background if isinstance(background, float) else float(background.max())
-        # RL is scale-equivariant; working at unit scale keeps float32 sums and dot products far
-        # from overflow (1e30 counts) and underflow alike. The result is scaled back at the end.
-        self.scale = max(float(self.image.max()), level, 1e-30)
-        self.image_scale = np.float32(1 / self.scale)
-        if isinstance(background, float):
-            self.background = np.float32(background / self.scale)
-        else:
-            self.background = be.asarray(background) / np.float32(self.scale)
+        _load_poisson_data(self, be, image, background)
         self.tv = tv
         self.divergence = None  # of the last forward model, when a stopping rule asks for it
-        # Denominators below this are noise: a floor stops 0/0 and blow-ups in empty regions.
-        self.floor = np.float32(1e-6)
         # H^T 1, the fraction of each voxel's light that the image sees; the update divides by
         # it, so its masked reciprocal is kept (made in place: no grid-sized temporaries).
         visible = op.adjoint_of_ones()
