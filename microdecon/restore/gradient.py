@@ -41,6 +41,10 @@ from .._backend import Backend, get_backend, return_like
 from ..metrics import i_divergence
 from ..operators import Boundary, Convolution
 from ._stopping import StoppingRule
+
+# Object voxels that send less light than this into the image ("non-circulant" margins far from
+# the image) get no gradient worth following: they start and stay at zero, as in RL.
+from .richardson_lucy import MIN_VISIBLE_FRACTION
 from .wiener import estimate_noise_sigma
 
 __all__ = ["fista", "landweber"]
@@ -56,10 +60,6 @@ LANDWEBER_STEP_FRACTION = 0.95
 #: Poisson or Gaussian noise (+3 to +8 dB over the data) and within 1 dB of the best on noisy
 #: cell phantoms; 2 sigma and more erase the dimmer beads.
 AUTO_SPARSITY_NOISE = 1.0
-
-#: Object voxels that send less than this fraction of their light into the image ("non-circulant"
-#: margins far from the image) get no gradient worth following: they start and stay at zero.
-MIN_VISIBLE_FRACTION = 1e-3
 
 
 def landweber(

@@ -175,12 +175,7 @@ def tikhonov(
     if isinstance(reg, str):
         _validate.check_choice(reg, "reg", ("laplacian", "identity"))
     else:
-        reg = _validate.check_array(reg, "reg")
-        if reg.ndim != _validate.check_array(image, "image").ndim:
-            raise ValueError(f"reg has {reg.ndim} axes but the image has {image.ndim}")
-        if any(r > n for r, n in zip(reg.shape, image.shape)):
-            raise ValueError(f"reg of shape {tuple(reg.shape)} is larger than the image {tuple(image.shape)}")
-
+        reg = _validate.check_array(reg, "reg")  # its shape is checked against the image's below
     return _linear_filter(image, psf, boundary, background, clip, device, balance=balance, reg=reg)
 
 
@@ -278,6 +273,11 @@ def _linear_filter(
     psf = _validate.check_psf(psf, image.ndim)
     _validate.check_choice(boundary, "boundary", _validate.BOUNDARIES)
     background = _validate.check_background(background, tuple(image.shape))
+    if not isinstance(reg, str):
+        if reg.ndim != image.ndim:
+            raise ValueError(f"reg has {reg.ndim} axes but the image has {image.ndim}")
+        if any(r > n for r, n in zip(reg.shape, image.shape)):
+            raise ValueError(f"reg of shape {tuple(reg.shape)} is larger than the image {tuple(image.shape)}")
     backend = get_backend(image, psf, device=device)
     xp = backend.xp
     with backend.activate():
