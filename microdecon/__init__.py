@@ -23,6 +23,21 @@ from .restore import (
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # microdecon.plot is loaded on first use: it is the one module that needs matplotlib (an
+    # optional extra), and even it imports matplotlib only when a figure is drawn.
+    if name == "plot":
+        import importlib
+
+        return importlib.import_module(".plot", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | {"plot"})
+
+
 __all__ = [
     "convolve",
     "convolve_transpose",
@@ -33,6 +48,7 @@ __all__ = [
     "io",
     "landweber",
     "metrics",
+    "plot",
     "psf",
     "richardson_lucy",
     "skimage",
