@@ -1,8 +1,14 @@
+import os
+
 import numpy as np
+import pytest
 
 import microdecon as md
 from microdecon import io
-from microdecon.cli import main
+from microdecon.cli import _model_shape, main
+
+SPACING = (0.2, 0.1, 0.1)
+FAST = ["--num-iter", "2", "--device", "cpu"]
 
 
 def test_demo_writes_the_result_and_reports_quality(tmp_path, capsys):
@@ -45,8 +51,10 @@ def test_deconvolve_goes_on_after_a_bad_file_and_fails_overall(tmp_path, capsys)
     assert code == 1
     assert "bad.tif" in captured.err and "not a readable TIFF" in captured.err
     assert sorted(p.name for p in out.iterdir()) == ["good_decon.tif"]
-    # a second run skips what is done
-    code = main(["deconvolve", str(good), "--psf", str(sample.paths["psf"]), "-o", str(out), "-q"])
+    # a second run skips what is done (and says so when not quiet)
+    code = main(
+        ["deconvolve", str(good), "--psf", str(sample.paths["psf"]), "-o", str(out), "--device", "cpu"]
+    )
     assert code == 0 and "skipped" in capsys.readouterr().out
 
 
@@ -180,3 +188,490 @@ def test_every_method_runs_from_the_command_with_its_own_flags(tmp_path, capsys,
     assert main(["demo", "-q", "--method", "wiener", "--num-iter", "5", "-o", str(tmp_path)]) == 2
     assert "--num-iter does not apply to --method wiener" in capsys.readouterr().err
     assert main(["demo", "-q", "--method", "inverse", "--tv", "0.01", "-o", str(tmp_path)]) == 2
+
+
+# --------------------------------------------------------------------------------------------
+# deconvolve: inputs, PSF sources, voxel sizes, bad input
+# --------------------------------------------------------------------------------------------
+def stack(seed=0, shape=(8, 32, 32)):
+    """A small blurred, noisy stack (uint16) and the PSF that blurred it."""
+    psf = md.psf.gaussian((7, 9, 9), (0.3, 0.15, 0.15), spacing=SPACING)
+    truth = md.data.phantom(shape, seed=seed)
+    blurred = md.convolve(truth, psf, device="cpu")
+    image = np.random.default_rng(seed).poisson(np.clip(blurred, 0, None) + 10).astype(np.uint16)
+    return image, psf
+
+
+@pytest.fixture
+def psf_file(tmp_path):
+    path = tmp_path / "psf.tif"
+    io.imwrite(path, stack()[1], {"spacing": SPACING})
+    return path
+
+
+def write(path, image, spacing=SPACING):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    io.imwrite(path, image, {"spacing": spacing} if spacing else None)
+    return path
+
+
+def files_in(folder):
+    """Every file left under ``folder``, hidden temporaries included."""
+    return (
+        sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+        if folder.exists()
+        else []
+    )
+
+
+def failed_lines(err):
+    return [line for line in err.splitlines() if "FAILED" in line]
+
+
+def assert_one_file_failed(code, err, name, cause, out):
+    """Exit code 1, one FAILED line naming the file and the cause, and nothing written."""
+    assert code == 1
+    lines = failed_lines(err)
+    assert len(lines) == 1, err
+    assert name in lines[0] and cause in lines[0], lines[0]
+    assert "1 of 1 file(s) failed" in err
+    assert files_in(out) == []
+
+
+def test_missing_input_file(tmp_path, psf_file, capsys):
+    out = tmp_path / "out"
+    code = main(["deconvolve", str(tmp_path / "nope.tif"), "--psf", str(psf_file), "-o", str(out), "-q"])
+    assert_one_file_failed(code, capsys.readouterr().err, "nope.tif", "no such file or folder", out)
+
+
+def test_a_text_file_named_tif(tmp_path, psf_file, capsys):
+    text = tmp_path / "notes.tif"
+    text.write_text("not an image")
+    out = tmp_path / "out"
+    code = main(["deconvolve", str(text), "--psf", str(psf_file), "-o", str(out), "-q", *FAST])
+    assert_one_file_failed(code, capsys.readouterr().err, "notes.tif", "not a readable TIFF", out)
+
+
+def test_a_truncated_tiff(tmp_path, psf_file, capsys):
+    cut = write(tmp_path / "cut.tif", stack()[0])
+    data = cut.read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    out = tmp_path / "out"
+    code = main(["deconvolve", str(cut), "--psf", str(psf_file), "-o", str(out), "-q", *FAST])
+    assert_one_file_failed(code, capsys.readouterr().err, "cut.tif", "truncated", out)
+
+
+def test_a_psf_with_other_axes_than_the_image(tmp_path, psf_file, capsys):
+    flat = write(tmp_path / "flat.tif", stack()[0][4], spacing=SPACING[1:])
+    out = tmp_path / "out"
+    code = main(["deconvolve", str(flat), "--psf", str(psf_file), "-o", str(out), "-q", *FAST])
+    err = capsys.readouterr().err
+    assert_one_file_failed(code, err, "flat.tif", "has shape 7x9x9 but the image has shape 32x32", out)
+
+
+def test_unknown_voxel_size_against_a_known_one(tmp_path, psf_file, capsys):
+    image = write(tmp_path / "bare.tif", stack()[0], spacing=None)
+    out = tmp_path / "out"
+    code = main(["deconvolve", str(image), "--psf", str(psf_file), "-o", str(out), "-q", *FAST])
+    err = capsys.readouterr().err
+    assert_one_file_failed(code, err, "bare.tif", "no voxel size in its metadata", out)
+    assert "give it with --spacing" in failed_lines(err)[0]
+    # --spacing supplies it, and the output records it
+    code = main(
+        [
+            "deconvolve",
+            str(image),
+            "--psf",
+            str(psf_file),
+            "-o",
+            str(out),
+            "-q",
+            *FAST,
+            "--spacing",
+            "0.2",
+            "0.1",
+            "0.1",
+        ]
+    )
+    assert code == 0
+    assert io.imread(out / "bare_decon.tif")[1]["spacing"] == SPACING
+    # and a PSF file without one, against an image with one
+    bare_psf = write(tmp_path / "bare_psf.tif", stack()[1], spacing=None)
+    good = write(tmp_path / "good.tif", stack()[0])
+    out2 = tmp_path / "out2"
+    code = main(["deconvolve", str(good), "--psf", str(bare_psf), "-o", str(out2), "-q", *FAST])
+    err = capsys.readouterr().err
+    assert_one_file_failed(code, err, "good.tif", "records none", out2)
+    assert "--psf-spacing" in failed_lines(err)[0]
+    assert (
+        main(
+            [
+                "deconvolve",
+                str(good),
+                "--psf",
+                str(bare_psf),
+                "-o",
+                str(out2),
+                "-q",
+                *FAST,
+                "--psf-spacing",
+                *map(str, SPACING),
+            ]
+        )
+        == 0
+    )
+
+
+def test_both_voxel_sizes_unknown_are_assumed_equal_with_one_warning(tmp_path, capsys):
+    image, psf = stack()
+    a = write(tmp_path / "a.tif", image, spacing=None)
+    b = write(tmp_path / "b.tif", image, spacing=None)
+    psf_path = write(tmp_path / "p.tif", psf, spacing=None)
+    out = tmp_path / "out"
+    assert main(["deconvolve", str(a), str(b), "--psf", str(psf_path), "-o", str(out), "-q", *FAST]) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning") == 1 and "assuming they are the same" in err
+    assert files_in(out) == ["a_decon.tif", "b_decon.tif"]
+
+
+def test_an_output_folder_that_cannot_be_made(tmp_path, psf_file, capsys):
+    image = write(tmp_path / "a.tif", stack()[0])
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a folder should be")
+    code = main(["deconvolve", str(image), "--psf", str(psf_file), "-o", str(blocker / "out"), "-q", *FAST])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert f"cannot write to the output folder {blocker / 'out'}" in err
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root ignores permissions")
+def test_an_output_folder_that_cannot_be_written(tmp_path, psf_file, capsys):
+    image = write(tmp_path / "a.tif", stack()[0])
+    out = tmp_path / "locked"
+    out.mkdir()
+    out.chmod(0o500)
+    try:
+        code = main(["deconvolve", str(image), "--psf", str(psf_file), "-o", str(out), "-q", *FAST])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1
+        assert f"cannot write to the output folder {out}" in err and "Permission denied" in err
+        assert files_in(out) == []
+    finally:
+        out.chmod(0o700)
+
+
+def test_one_bad_file_does_not_stop_the_good_ones(tmp_path, psf_file, capsys):
+    image, psf = stack()
+    first = write(tmp_path / "in" / "a.tif", image)
+    (tmp_path / "in" / "b.tif").write_bytes(b"II*\0garbage")
+    last = write(tmp_path / "in" / "c.tif", stack(seed=1)[0])
+    out = tmp_path / "out"
+    code = main(["deconvolve", str(tmp_path / "in"), "--psf", str(psf_file), "-o", str(out), "-q", *FAST])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert len(failed_lines(err)) == 1 and "b.tif" in failed_lines(err)[0]
+    assert (
+        "1 of 3 file(s) failed" in err
+        and "  " + str(tmp_path / "in" / "b.tif") + ": not a readable TIFF" in err
+    )
+    assert files_in(out) == ["a_decon.tif", "c_decon.tif"]
+    for path in (first, last):
+        expected = md.deconvolve(io.imread(path)[0], psf, "rl", num_iter=2, device="cpu", background=0.0)
+        np.testing.assert_allclose(io.imread(out / f"{path.stem}_decon.tif")[0], expected, rtol=1e-5)
+
+
+def test_folders_patterns_and_files_expand_sorted_without_duplicates(tmp_path, psf_file, capsys):
+    image = stack()[0]
+    data = tmp_path / "data"
+    for name in ("b.tif", "a.TIFF", "sub/c.tif", "sub/deeper/d.tif", "._a.tif"):
+        write(data / name, image)
+    (data / "notes.txt").write_text("not data")
+    out = tmp_path / "out"
+    argv = [
+        "deconvolve",
+        str(data),
+        str(data / "*.tif"),
+        str(data / "b.tif"),
+        "--psf",
+        str(psf_file),
+        "-o",
+        str(out),
+        *FAST,
+    ]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert files_in(out) == ["a_decon.tif", "b_decon.tif"]
+    lines = [line for line in printed.splitlines() if " -> " in line]
+    assert [line.split(" -> ")[0] for line in lines] == [str(data / "a.TIFF"), str(data / "b.tif")]
+    assert (
+        "8x32x32 uint16, rl," in lines[0]
+        and " s on cpu (" in lines[0]
+        and str(out / "a_decon.tif") in lines[0]
+    )
+    # --recursive: subfolders too, mirrored under the output folder; a pattern's ** spans folders
+    assert main([*argv, "--recursive", "-q"]) == 0
+    assert files_in(out) == ["a_decon.tif", "b_decon.tif", "sub/c_decon.tif", "sub/deeper/d_decon.tif"]
+    out2 = tmp_path / "out2"
+    assert (
+        main(
+            [
+                "deconvolve",
+                str(data / "**" / "d.tif"),
+                "--psf",
+                str(psf_file),
+                "-o",
+                str(out2),
+                "-q",
+                *FAST,
+                "--recursive",
+            ]
+        )
+        == 0
+    )
+    assert files_in(out2) == ["d_decon.tif"]
+
+
+def test_inputs_that_name_nothing_fail_alone(tmp_path, psf_file, capsys):
+    good = write(tmp_path / "good.tif", stack()[0])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "out"
+    argv = [str(good), str(empty), str(tmp_path / "*.tiff"), str(tmp_path / "gone")]
+    code = main(["deconvolve", *argv, "--psf", str(psf_file), "-o", str(out), "-q", *FAST])
+    err = capsys.readouterr().err
+    assert code == 1 and files_in(out) == ["good_decon.tif"]
+    assert "3 of 4 file(s) failed" in err
+    causes = {line.split(": FAILED: ")[0]: line.split(": FAILED: ")[1] for line in failed_lines(err)}
+    assert causes == {
+        str(empty): "no .tif or .tiff files in this folder (--recursive also searches its subfolders)",
+        str(tmp_path / "*.tiff"): "the pattern matches no files",
+        str(tmp_path / "gone"): "no such file or folder",
+    }
+
+
+def test_quiet_prints_nothing_but_errors_and_progress_shows_otherwise(tmp_path, psf_file, capsys):
+    image = write(tmp_path / "a.tif", stack()[0])
+    out = tmp_path / "out"
+    assert main(["deconvolve", str(image), "--psf", str(psf_file), "-o", str(out), "-q", *FAST]) == 0
+    assert capsys.readouterr() == ("", "")
+    assert main(["deconvolve", str(image), "--psf", str(psf_file), "-o", str(out), "--overwrite", *FAST]) == 0
+    captured = capsys.readouterr()
+    assert "files: 100%" in captured.err  # the bar over the files
+    lines = captured.out.splitlines()
+    assert lines[0].startswith(f"PSF: {psf_file} (7x9x9, voxel 0.2x0.1x0.1 um); rl on cpu")
+    assert lines[1].startswith(f"{image} -> {out / 'a_decon.tif'}: 8x32x32 uint16, rl, ")
+    assert lines[-1] == "1 written, 0 skipped, 0 failed, of 1 file(s)"
+
+
+def test_a_psf_at_another_voxel_size_is_resampled_to_the_image(tmp_path, capsys):
+    image, _ = stack()
+    fine = md.psf.gaussian((13, 17, 17), (0.3, 0.15, 0.15), spacing=(0.1, 0.05, 0.05))
+    psf_path = write(tmp_path / "fine.tif", fine, spacing=(0.1, 0.05, 0.05))
+    path = write(tmp_path / "a.tif", image)
+    out = tmp_path / "out"
+    assert main(["deconvolve", str(path), "--psf", str(psf_path), "-o", str(out), *FAST]) == 0
+    line = [line for line in capsys.readouterr().out.splitlines() if " -> " in line][0]
+    assert line.endswith("; PSF resampled from 0.1x0.05x0.05 um to 0.2x0.1x0.1 um")
+    restored, meta = io.imread(out / "a_decon.tif")
+    resampled = md.psf.resample(fine, (0.1, 0.05, 0.05), SPACING)
+    expected = md.deconvolve(image, resampled, "rl", num_iter=2, device="cpu", background=0.0)
+    np.testing.assert_allclose(restored, expected, rtol=1e-5)
+    assert "resampled" in meta["provenance"]["psf"] and meta["provenance"]["device"].startswith("cpu")
+
+
+def test_model_psf_is_computed_at_the_image_voxel_size(tmp_path, capsys):
+    image, _ = stack()
+    path = write(tmp_path / "a.tif", image)
+    out = tmp_path / "out"
+    optics = ["--na", "1.2", "--n-immersion", "1.33", "--wavelength", "0.52"]
+    assert (
+        main(["deconvolve", str(path), "--psf-model", "widefield", *optics, "-o", str(out), "-q", *FAST]) == 0
+    )
+    restored, meta = io.imread(out / "a_decon.tif")
+    # the shape rule: z spans the stack but at least +-2 axial FWHM (0.605 um: 7 planes of 0.2 um);
+    # y, x reach the defocus cone at z = 1.4 um (2.9 um), capped at the image (32 -> 33)
+    shape = (15, 33, 33)
+    assert meta["provenance"]["psf"] == "PSF model widefield 15x33x33 at 0.2x0.1x0.1 um"
+    model = md.psf.widefield(shape, SPACING, wavelength=0.52, na=1.2, n_immersion=1.33)
+    expected = md.deconvolve(image, model, "rl", num_iter=2, device="cpu", background=0.0)
+    np.testing.assert_allclose(restored, expected, rtol=1e-5)
+    # gaussian: +-4 sigma; a 2-D image gets the in-focus plane
+    flat = write(tmp_path / "flat.tif", image[4], spacing=SPACING[1:])
+    assert (
+        main(
+            [
+                "deconvolve",
+                str(flat),
+                "--psf-model",
+                "gaussian",
+                "--sigma",
+                "0.2",
+                "-o",
+                str(out),
+                "-q",
+                *FAST,
+            ]
+        )
+        == 0
+    )
+    assert io.imread(out / "flat_decon.tif")[1]["provenance"]["psf"].startswith("PSF model gaussian 17x17 ")
+    assert (
+        main(
+            [
+                "deconvolve",
+                str(flat),
+                "--psf-model",
+                "confocal",
+                "--pinhole",
+                "0.5",
+                "-o",
+                str(out),
+                "-q",
+                "--overwrite",
+                *FAST,
+            ]
+        )
+        == 0
+    )
+    restored, meta = io.imread(out / "flat_decon.tif")
+    assert meta["provenance"]["psf"] == "PSF model confocal 21x21 at 0.1x0.1 um"  # 4 Airy radii (NA 1.4)
+    plane = md.psf.confocal(
+        (1, 21, 21), (0.1, 0.1, 0.1), excitation=0.488, emission=0.52, na=1.4, pinhole=0.5
+    )[0]
+    expected = md.deconvolve(image[4], plane, "rl", num_iter=2, device="cpu", background=0.0)
+    np.testing.assert_allclose(restored, expected, rtol=1e-5)
+
+
+def test_model_shape_rule():
+    optics = dict(na=1.2, wavelength=0.52, n_immersion=1.33, n_sample=None)
+    # the bundled sample: z spans its 40 planes (41), y and x the defocus cone, capped at 128 -> 129
+    assert _model_shape("widefield", (40, 128, 128), SPACING, optics) == (41, 129, 129)
+    # a deep stack: at most +-8 axial FWHM (0.605 um / 0.2 um: 25 planes each side)
+    assert _model_shape("widefield", (400, 512, 512), SPACING, optics)[0] == 51
+    # 2-D: 4 Airy radii (1.06 um: 11 pixels each side)
+    assert _model_shape("widefield", (64, 64), SPACING[1:], optics) == (23, 23)
+    assert _model_shape("gaussian", (8, 32, 32), SPACING, {"sigma": [0.4, 0.2, 0.2]}) == (17, 17, 17)
+
+
+def test_psf_source_flags(tmp_path, psf_file, capsys):
+    path = write(tmp_path / "a.tif", stack()[0])
+    out = tmp_path / "out"
+    base = ["deconvolve", str(path), "-o", str(out), "-q", *FAST]
+    assert main(base) == 2 and "one of the arguments --psf --psf-model is required" in capsys.readouterr().err
+    assert main([*base, "--psf", str(psf_file), "--psf-model", "widefield"]) == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+    assert main([*base, "--psf", str(psf_file), "--na", "1.2"]) == 2
+    assert (
+        "--na applies to --psf-model widefield or confocal, not to a PSF read from a file"
+        in capsys.readouterr().err
+    )
+    assert main([*base, "--psf-model", "widefield", "--pinhole", "1"]) == 2
+    assert (
+        "--pinhole applies to --psf-model confocal, not to --psf-model widefield" in capsys.readouterr().err
+    )
+    assert main([*base, "--psf-model", "gaussian"]) == 2
+    assert "--psf-model gaussian needs --sigma" in capsys.readouterr().err
+    assert main([*base, "--psf-model", "widefield", "--na", "1.6"]) == 2  # refused once, before any file
+    assert "na (1.6) must be smaller than n_immersion" in capsys.readouterr().err
+    assert main([*base, "--psf", str(psf_file), "--psf-shape", "9", "9", "9"]) == 2
+    assert "--psf-shape applies to --psf-model" in capsys.readouterr().err
+    assert main([*base, "--psf-model", "widefield", "--psf-spacing", "0.2", "0.1", "0.1"]) == 2
+    assert "--psf-spacing applies to a PSF file" in capsys.readouterr().err
+    assert main([*base, "--psf", str(tmp_path / "missing.tif")]) == 2
+    assert "missing.tif: no such file" in capsys.readouterr().err
+    assert main([*base, "--device", "tpu", "--psf", str(psf_file)]) == 2
+    assert files_in(out) == []
+
+
+def test_outputs_never_replace_inputs_or_each_other(tmp_path, psf_file, capsys):
+    image = stack()[0]
+    data = tmp_path / "data"
+    write(data / "a.tif", image)
+    # the output folder is the input folder: a second run does not take the outputs as inputs
+    argv = ["deconvolve", str(data), "--psf", str(psf_file), "-o", str(data), *FAST]
+    assert main([*argv, "-q"]) == 0
+    assert main(argv) == 0
+    assert "1 written" not in capsys.readouterr().out and files_in(data) == ["a.tif", "a_decon.tif"]
+    # named explicitly, an input that is another input's output is kept, and that other input fails
+    code = main(
+        [
+            "deconvolve",
+            str(data / "a.tif"),
+            str(data / "a_decon.tif"),
+            "--psf",
+            str(psf_file),
+            "-o",
+            str(data),
+            "-q",
+            "--overwrite",
+            *FAST,
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 1 and "would overwrite an input" in failed_lines(err)[0]
+    assert files_in(data) == ["a.tif", "a_decon.tif", "a_decon_decon.tif"]
+    # two inputs with one output name: the second is refused, the first written
+    write(tmp_path / "d1" / "x.tif", image)
+    write(tmp_path / "d2" / "x.tif", image)
+    out = tmp_path / "out"
+    code = main(
+        [
+            "deconvolve",
+            str(tmp_path / "d1"),
+            str(tmp_path / "d2"),
+            "--psf",
+            str(psf_file),
+            "-o",
+            str(out),
+            "-q",
+            *FAST,
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 1 and str(tmp_path / "d2" / "x.tif") in failed_lines(err)[0] and "is also that of" in err
+    assert files_in(out) == ["x_decon.tif"]
+
+
+def test_psf_command_refuses_optics_of_another_model(tmp_path, capsys):
+    out = tmp_path / "p.tif"
+    argv = ["psf", "-o", str(out), "--shape", "9", "9", "9", "--spacing", "0.2", "0.1", "0.1"]
+    assert main([*argv, "--pinhole", "0.5"]) == 2
+    assert "--pinhole applies to --model confocal, not to --model widefield" in capsys.readouterr().err
+    assert (
+        main([*argv, "--model", "confocal", "--pinhole", "0.5", "--na", "1.2", "--n-immersion", "1.33"]) == 0
+    )
+    assert io.imread(out)[1]["provenance"]["psf"] == "model confocal"
+    assert not (tmp_path / "other.tif").exists()
+
+
+def test_help_and_usage_errors_return_exit_codes(capsys):
+    assert main(["deconvolve", "--help"]) == 0
+    printed = capsys.readouterr().out
+    assert "--psf-model" in printed and "defocus cone" in printed and "--recursive" in printed
+    assert main(["deconvolve"]) == 2
+
+
+def test_other_formats_and_values_stored_with_a_scale(tmp_path, psf_file, capsys):
+    image, psf = stack()
+    values = image.astype(np.float32) * 0.37 + 5.0
+    scaled = tmp_path / "scaled.tif"
+    io.imwrite(scaled, values, {"spacing": SPACING}, dtype="uint16")  # floats kept as uint16 + scale
+    ome = write(tmp_path / "cells.ome.tif", image)
+    zarr = write(tmp_path / "cells.zarr", image)
+    out = tmp_path / "out"
+    argv = [str(scaled), str(ome), str(zarr), "--psf", str(psf_file), "-o", str(out), "-q", *FAST]
+    assert main(["deconvolve", *argv]) == 0
+    assert files_in(out) == ["cells_decon.ome.tif", "cells_decon.tif", "scaled_decon.tif"]
+    stored, meta = io.imread(scaled)
+    meant = stored.astype(np.float32) * np.float32(meta["scale"]) + np.float32(meta["offset"])
+    np.testing.assert_allclose(meant, values, atol=meta["scale"])
+    expected = md.deconvolve(meant, psf, "rl", num_iter=2, device="cpu", background=0.0)
+    restored, out_meta = io.imread(out / "scaled_decon.tif")
+    assert "scale" not in out_meta and restored.dtype == np.float32
+    np.testing.assert_allclose(restored, expected, rtol=1e-5)
+    for name in ("cells_decon.ome.tif", "cells_decon.tif"):
+        restored, out_meta = io.imread(out / name)
+        assert out_meta["spacing"] == SPACING
+        np.testing.assert_allclose(
+            restored, md.deconvolve(image, psf, "rl", num_iter=2, device="cpu", background=0.0), rtol=1e-5
+        )
