@@ -8,10 +8,9 @@ Examples
 dtype('float32')
 """
 
-from . import data, io, metrics, psf, skimage
+from . import data, io, metrics, psf, skimage, tiling
 from .operators import convolve, convolve_transpose
 from .restore import (
-    deconvolve,
     fista,
     inverse,
     landweber,
@@ -20,6 +19,7 @@ from .restore import (
     unsupervised_wiener,
     wiener,
 )
+from .tiling import deconvolve
 
 __version__ = "0.1.0"
 
@@ -53,6 +53,7 @@ __all__ = [
     "richardson_lucy",
     "skimage",
     "tikhonov",
+    "tiling",
     "unsupervised_wiener",
     "wiener",
     "__version__",

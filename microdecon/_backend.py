@@ -335,6 +335,18 @@ def from_bfloat16(bits: np.ndarray) -> np.ndarray:
     return out.view(np.float32)
 
 
+def _load_step(bits: np.ndarray) -> np.ndarray:
+    """A step buffer's values as a new float32 array: bfloat16 bits (uint16) or float32."""
+    return from_bfloat16(bits) if bits.dtype == np.uint16 else bits.astype(np.float32, copy=True)
+
+
+def _store_step(values: np.ndarray, out: np.ndarray) -> None:
+    if out.dtype == np.uint16:
+        to_bfloat16(values, out=out)
+    else:
+        out[...] = values
+
+
 def _numpy_kernels(slabs: _Slabs):
 
     def rl_ratio(image, blurred, background, floor, image_scale=1.0, clip_image=True):
@@ -381,7 +393,7 @@ def _numpy_kernels(slabs: _Slabs):
         """max(x_k + alpha * h_k, 0) on one slab (a new array); ``step`` None means alpha = 0."""
         if step is None:
             return current[s].copy()
-        value = from_bfloat16(step[s])
+        value = _load_step(step[s])
         value *= alpha
         value += current[s]
         np.maximum(value, 0, out=value)
@@ -407,7 +419,8 @@ def _numpy_kernels(slabs: _Slabs):
         new = y * correction * normalization replaces ``current`` (not clipped: it is >= 0 up to
         FFT rounding, and the next prediction clips); the RL update
         g = new - y replaces ``update_prev`` and new - x replaces ``step`` (both bfloat16 bits,
-        see :func:`to_bfloat16`). Returns <g, g_prev> and <g_prev, g_prev>, from before.
+        see :func:`to_bfloat16`, or both float32). Returns <g, g_prev> and <g_prev, g_prev>, from
+        before.
         """
         alpha = np.float32(alpha)
 
@@ -421,11 +434,11 @@ def _numpy_kernels(slabs: _Slabs):
             update = np.subtract(new, predicted, out=predicted)  # g
             cross = norm = 0.0
             if have_prev:
-                previous = from_bfloat16(update_prev[s])
+                previous = _load_step(update_prev[s])
                 cross = float(np.dot(update.ravel(), previous.ravel()))
                 norm = float(np.dot(previous.ravel(), previous.ravel()))
-            to_bfloat16(update, out=update_prev[s])
-            to_bfloat16(np.subtract(new, current[s], out=update), out=step[s])  # h_{k+1}
+            _store_step(update, update_prev[s])
+            _store_step(np.subtract(new, current[s], out=update), step[s])  # h_{k+1}
             current[s] = new
             return cross, norm
 
@@ -473,53 +486,69 @@ def _cupy_kernels(cupy: Any):
         "T v = estimate * correction * normalization; out = v > (T)0 ? v : (T)0",
         "microdecon_rl_update_normalized",
     )
-    # bfloat16 bits <-> float32: the upper half of the float's bits
-    bf16 = "__uint_as_float(((unsigned int)({})) << 16)"
-    predicted_point = (
-        "T y = has_step ? current + alpha * " + bf16.format("step") + " : current; y = y > (T)0 ? y : (T)0;"
-    )
-    predict_kernel = cupy.ElementwiseKernel(
-        "T current, uint16 step, T alpha, bool has_step",
-        "T out",
-        predicted_point + " out = y;",
-        "microdecon_predict",
-    )
-    # new estimate in place of x; the RL update g into the correction's scratch; the step h
-    accelerated = cupy.ElementwiseKernel(
-        "T alpha, bool has_step, T normalization",
-        "T current, uint16 step, T correction",
-        predicted_point
-        + """
-        T v = y * correction * normalization;
-        correction = v - y;
-        step = (unsigned short)(__float_as_uint(v - current) >> 16);
-        current = v;
-        """,
-        "microdecon_rl_accelerated",
-    )
-    dot = cupy.ReductionKernel(
-        "float32 a, uint16 b",
-        "float64 y",
-        "(double)a * (double)__uint_as_float(((unsigned int)b) << 16)",
-        "a + b",
-        "y = a",
-        "0",
-        "microdecon_dot_bfloat16",
-    )
-    # Two inputs (the same array twice): CuPy's CUB path for one-input reductions renames the
-    # input by plain text substitution, which would mangle any other word containing its name.
-    square = cupy.ReductionKernel(
-        "uint16 p, uint16 q",
-        "float64 y",
-        "(double)__uint_as_float(((unsigned int)p) << 16) * (double)__uint_as_float(((unsigned int)q) << 16)",
-        "a + b",
-        "y = a",
-        "0",
-        "microdecon_sum_squares_bfloat16",
-    )
-    store = cupy.ElementwiseKernel(
-        "float32 g", "uint16 b", "b = (unsigned short)(__float_as_uint(g) >> 16)", "microdecon_to_bfloat16"
-    )
+
+    def step_kernels(step_type: str):
+        """The accelerated-RL kernels for step buffers of ``step_type``: "uint16" holds
+        bfloat16 bits (the upper half of a float32's), "float32" the values themselves."""
+        if step_type == "uint16":
+            load = "__uint_as_float(((unsigned int)({})) << 16)"
+            keep = "(unsigned short)(__float_as_uint({}) >> 16)"
+        else:
+            load = keep = "({})"
+        name = f"microdecon_{step_type}"
+        predicted_point = (
+            "T y = has_step ? current + alpha * "
+            + load.format("step")
+            + " : current; y = y > (T)0 ? y : (T)0;"
+        )
+        predict_kernel = cupy.ElementwiseKernel(
+            f"T current, {step_type} step, T alpha, bool has_step",
+            "T out",
+            predicted_point + " out = y;",
+            f"{name}_predict",
+        )
+        # new estimate in place of x; the RL update g into the correction's scratch; the step h
+        accelerated = cupy.ElementwiseKernel(
+            "T alpha, bool has_step, T normalization",
+            f"T current, {step_type} step, T correction",
+            predicted_point
+            + f"""
+            T v = y * correction * normalization;
+            correction = v - y;
+            step = {keep.format("v - current")};
+            current = v;
+            """,
+            f"{name}_rl_accelerated",
+        )
+        dot = cupy.ReductionKernel(
+            f"float32 a, {step_type} b",
+            "float64 y",
+            "(double)a * (double)" + load.format("b"),
+            "a + b",
+            "y = a",
+            "0",
+            f"{name}_dot",
+        )
+        # Two inputs (the same array twice): CuPy's CUB path for one-input reductions renames the
+        # input by plain text substitution, which would mangle any other word containing its name.
+        square = cupy.ReductionKernel(
+            f"{step_type} p, {step_type} q",
+            "float64 y",
+            "(double)" + load.format("p") + " * (double)" + load.format("q"),
+            "a + b",
+            "y = a",
+            "0",
+            f"{name}_sum_squares",
+        )
+        store = cupy.ElementwiseKernel(
+            "float32 g", f"{step_type} b", "b = " + keep.format("g"), f"{name}_store"
+        )
+        return predict_kernel, accelerated, dot, square, store
+
+    by_step_type = {
+        np.dtype(np.uint16): step_kernels("uint16"),
+        np.dtype(np.float32): step_kernels("float32"),
+    }
     mul_conj = cupy.ElementwiseKernel(
         "C otf", "C spectrum", "spectrum = spectrum * conj(otf)", "microdecon_multiply_conj"
     )
@@ -539,9 +568,11 @@ def _cupy_kernels(cupy: Any):
     def predict(current, step, alpha, out):
         has_step = step is not None
         placeholder = step if has_step else cupy.zeros(1, cupy.uint16)  # not read when has_step is False
+        predict_kernel = by_step_type[placeholder.dtype][0]
         return predict_kernel(current, placeholder, cupy.float32(alpha), has_step, out)
 
     def rl_accelerated_update(current, step, alpha, correction, normalization, update_prev, have_prev):
+        _, accelerated, dot, square, store = by_step_type[step.dtype]
         factor = normalization if normalization is not None else cupy.float32(1)
         accelerated(cupy.float32(alpha), have_prev, factor, current, step, correction)
         cross = norm = 0.0

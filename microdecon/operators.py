@@ -31,6 +31,7 @@ import numpy as np
 
 from . import _validate
 from ._backend import Backend, get_backend, return_like
+from ._tile_model import shared
 
 Boundary = Literal["non-circulant", "periodic", "reflect"]
 
@@ -166,6 +167,11 @@ class Convolution:
         How the object continues past the image edges (see the module docstring).
     backend : Backend, optional
         Device to run on; the CPU when omitted.
+    margin : int
+        The FFT grid extends past the image by ``margin * (psf_shape - 1)`` (rounded up to a fast
+        length; "non-circulant" and "reflect"). 1 suffices for the operator to be exact; the
+        one-pass filters ask for 2, so that what their long inverse kernels pick up across the
+        grid's wrap-around is far away, and alike for a whole volume and its tiles.
 
     Attributes
     ----------
@@ -196,6 +202,7 @@ class Convolution:
         *,
         boundary: Boundary = "non-circulant",
         backend: Backend | None = None,
+        margin: int = 1,
     ):
         _validate.check_choice(boundary, "boundary", _validate.BOUNDARIES)
         self.backend = backend or get_backend(device="cpu")
@@ -215,7 +222,7 @@ class Convolution:
             # grid of n + p - 1 holds the image and all the object that can reach it, without wrap.
             last = len(self.image_shape) - 1
             fft_shape = tuple(
-                self.backend.next_fast_len(n + p - 1, even=axis == last)
+                self.backend.next_fast_len(n + margin * (p - 1), even=axis == last)
                 for axis, (n, p) in enumerate(zip(self.image_shape, self.psf_shape))
             )
             left = tuple(p - 1 - p // 2 for p in self.psf_shape)
@@ -362,9 +369,9 @@ class Convolution:
     def extend_image(self, image):
         """The image on the whole FFT grid, for direct (one-pass) filters.
 
-        The margin holds the mirrored image, faded to the image mean towards the middle of the
-        margin, where the grid wraps around, so the FFT sees no jump there. "non-circulant" fades
-        over the whole half-margin; "reflect" keeps the mirror intact for half of it first.
+        The margin holds the mirrored image, faded to the image mean within the PSF's reach of
+        the edge, so the FFT sees no jump where the grid wraps around. "non-circulant" fades over
+        the whole reach; "reflect" keeps the mirror intact for half of it first.
         """
         if self.boundary == "periodic":
             return image
@@ -376,17 +383,20 @@ class Convolution:
             runs = _reflect_runs(length, n, window.start)
             _mirror_runs(grid, runs, (slice(None),) * axis, tuple(self.image_slices[axis + 1 :]))
         keep = 0.5 if self.boundary == "reflect" else 0.0
-        mean = np.float32(float(image.mean()))
+        mean = np.float32(shared("extend.mean", lambda: float(image.mean())))  # alike in every tile
         grid -= mean
-        for axis, (length, window) in enumerate(zip(self.fft_shape, self.image_slices)):
+        for axis, (length, window, p) in enumerate(zip(self.fft_shape, self.image_slices, self.psf_shape)):
             margin = length - (window.stop - window.start)
             if not margin:
                 continue
             q = np.arange(length)
             # distance into the margin from the nearer image edge, cyclically, as a fraction of
-            # the half-margin (1 where the grid wraps)
+            # the PSF's reach, (p - 1) / 2: the margin holds at least twice that, and fading over
+            # a length set by the PSF alone, not by how far the FFT grid was rounded up, makes
+            # the extension the same for a whole volume and for its tiles
             distance = np.minimum(np.mod(q - (window.stop - 1), length), np.mod(window.start - q, length))
-            fraction = np.clip((distance / (margin / 2.0 + 0.5) - keep) / (1 - keep), 0, 1)
+            fade = min((p - 1) / 2.0, margin / 2.0) + 0.5
+            fraction = np.clip((distance / fade - keep) / (1 - keep), 0, 1)
             weights = np.where(
                 (q < window.start) | (q >= window.stop), 0.5 * (1 + np.cos(np.pi * fraction)), 1.0
             ).astype(np.float32)

@@ -72,6 +72,7 @@ import numpy as np
 
 from .. import _validate
 from .._backend import Backend, get_backend, return_like
+from .._tile_model import in_force, shared
 from ..metrics import i_divergence
 from ..operators import Boundary, Convolution
 from ._stopping import StoppingRule
@@ -81,6 +82,7 @@ from .richardson_lucy import (
     _extrapolation_weight,
     _load_poisson_data,
     _relative_change,
+    richardson_lucy,
 )
 
 __all__ = ["BlindResult", "blind_richardson_lucy", "estimate_psf_blind"]
@@ -153,7 +155,44 @@ def blind_richardson_lucy(
     >>> restored = blind_richardson_lucy(blurred, guess, 20, device="cpu")
     >>> bool(md.metrics.psnr(truth, restored) > md.metrics.psnr(truth, blurred) + 3)
     True
+
+    Notes
+    -----
+    Restored tile by tile (:mod:`microdecon.tiling`), the PSF is estimated once, on a
+    representative region, and every tile is restored with it by :func:`richardson_lucy`
+    (``num_iter * image_iter`` iterations), so that all tiles use the same model.
     """
+    if in_force():
+        estimated = shared(
+            "blind.psf",
+            lambda: (
+                estimate_psf_blind(
+                    image,
+                    psf,
+                    num_iter,
+                    image_iter=image_iter,
+                    psf_iter=psf_iter,
+                    psf_mask=psf_mask,
+                    psf_smoothing=psf_smoothing,
+                    accelerate=accelerate,
+                    boundary=boundary,
+                    background=background,
+                    device=device,
+                ).psf
+            ),
+        )
+        return richardson_lucy(
+            image,
+            estimated,
+            num_iter * image_iter,
+            accelerate=accelerate,
+            boundary=boundary,
+            background=background,
+            tol=tol,
+            callback=callback,
+            device=device,
+            progress=progress,
+        )
     return estimate_psf_blind(
         image,
         psf,

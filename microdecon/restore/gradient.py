@@ -38,6 +38,7 @@ import numpy as np
 
 from .. import _validate
 from .._backend import Backend, get_backend, return_like
+from .._tile_model import shared, shared_step
 from ..metrics import i_divergence
 from ..operators import Boundary, Convolution
 from ._stopping import StoppingRule
@@ -336,11 +337,17 @@ class _LeastSquares:
         )
         # Least squares is scale-equivariant: at unit scale float32 sums and dot products stay far
         # from overflow and underflow whatever the camera's units; the result is scaled back.
-        self.scale = max(abs(float(raw.max())), abs(float(raw.min())), level, 1e-30)
+        # Shared by the tiles of one volume (see microdecon._tile_model), like every value
+        # measured on the data below.
+        self.scale = shared(
+            "ls.scale", lambda raw=raw: max(abs(float(raw.max())), abs(float(raw.min())), level, 1e-30)
+        )
         inverse = np.float32(1 / self.scale)
         data = xp.multiply(raw, inverse, dtype=np.float32)  # a new array: free to overwrite
         del raw
-        self.noise_sigma = estimate_noise_sigma(data) if measure_noise else None
+        self.noise_sigma = (
+            shared("ls.noise_sigma", lambda: estimate_noise_sigma(data)) if measure_noise else None
+        )
         if isinstance(background, float):
             self.background = np.float32(background * inverse)
         else:
@@ -373,7 +380,7 @@ class _LeastSquares:
         inside = op.restrict(x)
         xp.maximum(self.target, 0, out=inside)
         if op.object_shape != op.image_shape:
-            op.fill_outside_image(x, float(inside.mean()))
+            op.fill_outside_image(x, shared("ls.flux", lambda: float(inside.mean())))
         if self.support is not None:
             x *= self.support
         return x
@@ -466,7 +473,7 @@ def _run_fista(problem: _LeastSquares, num_iter: int, weight: float, rule: Stopp
             # Gradient restart: the proximal step points against the last step when this is > 0.
             restart = float(xp.vdot(z.ravel(), x.ravel())) > 0
             t_next = 0.5 * (1.0 + np.sqrt(1.0 + 4.0 * t * t))
-            momentum = 0.0 if restart else (t - 1.0) / t_next
+            momentum = shared_step("fista.momentum", iteration, 0.0 if restart else (t - 1.0) / t_next)
             t = 1.0 if restart else t_next
             change = None
             if rule.needs_change:

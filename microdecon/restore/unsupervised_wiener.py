@@ -48,9 +48,10 @@ import numpy as np
 
 from .. import _validate
 from .._backend import Backend, get_backend, return_like
+from .._tile_model import in_force, shared
 from ..operators import Boundary, Convolution
 from ._stopping import IterationInfo, StoppingRule
-from .wiener import _half_spectrum_weights
+from .wiener import ONE_PASS_MARGIN, _half_spectrum_weights
 
 __all__ = ["GibbsInfo", "GibbsState", "gibbs_chain", "unsupervised_wiener"]
 
@@ -598,66 +599,100 @@ def unsupervised_wiener(
         data = backend.asarray(image)
         if not isinstance(background, float) or background != 0:
             data = data - backend.asarray(background)
-        op = Convolution(psf, tuple(image.shape), boundary=boundary, backend=backend)
+
+        def on_grid(margin: int):
+            """The operator and the unitary spectra of the data, the PSF and the regularizer
+            on the FFT grid ``margin`` PSF extents larger than the image."""
+            op = Convolution(psf, tuple(image.shape), boundary=boundary, backend=backend, margin=margin)
+            # unitary spectra: the precisions then come out in image units, whatever the grid
+            unitary = np.float32(1 / np.sqrt(np.prod(op.fft_shape)))
+            data_spectrum = xp.array(op.plan.forward(op.extend_image(data)), copy=True)
+            data_spectrum *= unitary
+            transfer = op.otf / np.float32(op.fft_scale)
+            if reg is None:
+                reg_power = laplacian_power(op.fft_shape, xp)
+            else:
+                reg_transfer = transfer_function(reg, op.fft_shape, backend, dtype=np.float32)
+                reg_power = reg_transfer.real**2 + reg_transfer.imag**2
+            return op, unitary, data_spectrum, transfer, reg_power
+
+        # The chain samples on the smallest grid: the faded margin is not data, and the more of
+        # it, the less noise the sampler sees.
+        op, unitary, data_spectrum, transfer, reg_power = on_grid(1)
         fft_shape = op.fft_shape
         n_data = int(np.prod(fft_shape))
-        # unitary spectra: the precisions then come out in image units, whatever the grid
-        unitary = np.float32(1 / np.sqrt(n_data))
-        data_spectrum = xp.array(op.plan.forward(op.extend_image(data)), copy=True)
-        data_spectrum *= unitary
-        transfer = op.otf / np.float32(op.fft_scale)
-        if reg is None:
-            reg_power = laplacian_power(fft_shape, xp)
-        else:
-            reg_transfer = transfer_function(reg, fft_shape, backend, dtype=np.float32)
-            reg_power = reg_transfer.real**2 + reg_transfer.imag**2
-            del reg_transfer
-        weights = _half_spectrum_weights(fft_shape, xp)
-        otf_power = xp.abs(transfer) ** 2
-        start = stationary_start(data_spectrum, otf_power, reg_power, weights, n_data, xp) or (1.0, 1.0)
-        del otf_power
-        if backend.name == "gpu":
-            draws = DeviceDraws(backend, generator)
-        else:
-            draws = HostDraws(generator, exact=False)
-        chain = gibbs_chain(
-            data_spectrum,
-            transfer,
-            reg_power,
-            n_data=n_data,
-            weights=weights,
-            burn_in=burn_in,
-            draws=draws,
-            rao_blackwell=True,
-            start=start,
-            xp=xp,
-        )
 
         def to_image(spectrum):
             grid = op.plan.inverse(spectrum * unitary)
             return xp.array(grid[op.image_slices], dtype=np.float32, copy=True)
 
-        for state in chain:
-            if rule.callback is not None:
-                estimate = to_image(state.mean() if state.total is not None else state.conditional)
-                if rule.callback_wants_info:
-                    info = GibbsInfo(
-                        state.iteration, state.change, None, state.noise, state.prior, state.samples
-                    )
-                    stop = rule.callback(state.iteration, estimate, info)
-                else:
-                    stop = rule.callback(state.iteration, estimate)
-                del estimate
-                if stop:
+        def sample():
+            """Run the chain to its stop: its last state and the (noise, prior) precisions that
+            each averaged conditional mean used."""
+            weights = _half_spectrum_weights(fft_shape, xp)
+            otf_power = xp.abs(transfer) ** 2
+            start = stationary_start(data_spectrum, otf_power, reg_power, weights, n_data, xp) or (1.0, 1.0)
+            del otf_power
+            if backend.name == "gpu":
+                draws = DeviceDraws(backend, generator)
+            else:
+                draws = HostDraws(generator, exact=False)
+            chain = gibbs_chain(
+                data_spectrum,
+                transfer,
+                reg_power,
+                n_data=n_data,
+                weights=weights,
+                burn_in=burn_in,
+                draws=draws,
+                rao_blackwell=True,
+                start=start,
+                xp=xp,
+            )
+            used, precisions = start, []
+            for state in chain:
+                if state.iteration > burn_in:
+                    precisions.append(used)
+                used = (state.noise, state.prior)
+                if rule.callback is not None:
+                    estimate = to_image(state.mean() if state.total is not None else state.conditional)
+                    if rule.callback_wants_info:
+                        info = GibbsInfo(
+                            state.iteration, state.change, None, state.noise, state.prior, state.samples
+                        )
+                        stop = rule.callback(state.iteration, estimate, info)
+                    else:
+                        stop = rule.callback(state.iteration, estimate)
+                    del estimate
+                    if stop:
+                        break
+                if state.iteration >= num_iter:
                     break
-            if state.iteration >= num_iter:
-                break
-            if state.iteration >= min_iter and state.change is not None and state.change < tol:
-                break
-        if state.total is None:  # stopped by the callback during the burn-in
-            result = to_image(state.conditional)
+                if state.iteration >= min_iter and state.change is not None and state.change < tol:
+                    break
+            return state, precisions or [used]
+
+        if in_force():
+            # One volume in tiles: the precisions are sampled once (on the tiler's region) and
+            # every tile takes the mean of the conditional means they give.
+            # The filter they give runs on the one-pass filters' wider grid, like Wiener's.
+            precisions = shared("unsupervised_wiener.precisions", lambda: sample()[1])
+            wide, wide_unitary, *spectra = on_grid(ONE_PASS_MARGIN)
+            grid = wide.plan.inverse(_mean_conditional(*spectra, precisions, xp) * wide_unitary)
+            result = xp.array(grid[wide.image_slices], dtype=np.float32, copy=True)
         else:
-            result = to_image(state.mean())
+            state, _ = sample()
+            result = to_image(state.conditional if state.total is None else state.mean())
         if clip:
             xp.maximum(result, 0, out=result)
     return return_like(result, image, backend)
+
+
+def _mean_conditional(data_spectrum, transfer, reg_power, precisions, xp):
+    """The mean over ``precisions`` (noise, prior pairs) of ``gamma_n H^* Y / P``."""
+    otf_power = transfer.real**2 + transfer.imag**2 if transfer.dtype.kind == "c" else transfer**2
+    response = xp.zeros(otf_power.shape, dtype=np.float32)
+    for noise, prior in precisions:
+        response += 1 / (otf_power + np.float32(prior / noise) * reg_power)
+    response *= np.float32(1 / len(precisions))
+    return data_spectrum * xp.conj(transfer) * response

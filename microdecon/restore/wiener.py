@@ -41,9 +41,16 @@ import numpy as np
 
 from .. import _validate
 from .._backend import array_module, get_backend, return_like
+from .._tile_model import shared
 from ..operators import Boundary, Convolution
 
 __all__ = ["predictive_risk_balance", "estimate_noise_sigma", "inverse", "tikhonov", "wiener"]
+
+
+#: The one-pass filters' FFT grid reaches twice the PSF's extent past the image (see
+#: :class:`~microdecon.operators.Convolution`): their inverse kernels are long, and with the
+#: grid's wrap-around that far away, a tile and the whole volume see the same thing near an edge.
+ONE_PASS_MARGIN = 2
 
 
 def estimate_noise_sigma(image: Any) -> float:
@@ -285,8 +292,8 @@ def _linear_filter(
         if not isinstance(background, float) or background != 0:
             data = data - backend.asarray(background)
         if balance == "auto":
-            balance = _auto_balance(data, psf, reg, backend)
-        op = Convolution(psf, tuple(image.shape), boundary=boundary, backend=backend)
+            balance = shared("wiener.balance", lambda: _auto_balance(data, psf, reg, backend))
+        op = Convolution(psf, tuple(image.shape), boundary=boundary, backend=backend, margin=ONE_PASS_MARGIN)
         spectrum = op.plan.forward(op.extend_image(data))
         otf, power = _true_otf(op)
         if guard is not None:

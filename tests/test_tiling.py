@@ -1,0 +1,247 @@
+"""Tiling: the plan, seamless stitching (tiled equals whole), Dask in and out, clusters, frames."""
+
+import math
+import tracemalloc
+
+import dask.array as da
+import numpy as np
+import pytest
+
+import microdecon as md
+from microdecon import tiling
+from microdecon._tile_model import TileModel, applying, recording, shared
+from microdecon.restore import METHODS
+
+# Fast settings per method: what matters here is agreement, not restoration quality.
+FAST = {
+    "rl": {"num_iter": 10},
+    "rl-tv": {"num_iter": 10},
+    "wiener": {},
+    "tikhonov": {},
+    "inverse": {},
+    "landweber": {"num_iter": 10},
+    "fista": {"num_iter": 10},
+    "unsupervised-wiener": {"rng": 0, "num_iter": 20},
+    "blind-rl": {"num_iter": 3},
+}
+
+
+def _data(shape, psf_shape, seed=0):
+    rng = np.random.default_rng(seed)
+    truth = md.data.phantom(shape, seed=seed)
+    psf = md.psf.gaussian(psf_shape, [1.2] * len(psf_shape))
+    blurred = md.convolve(truth, psf, device="cpu")
+    return rng.poisson(np.maximum(blurred, 0) * 4).astype(np.float32) / 4, psf
+
+
+def _whole_under_the_tiles_model(image, psf, method, tile_plan, params):
+    """The whole volume restored under the model the tiler measures (on its central tile)."""
+    function = METHODS[method]
+    volume = da.from_array(image, chunks=tile_plan.chunks)
+    model = tiling._measure_model(volume, psf, function, tile_plan, params, "cpu")
+    with applying(model):
+        return function(image, psf, device="cpu", **params)
+
+
+def _relative_error(result, reference):
+    return float(np.abs(result - reference).max() / np.abs(reference).max())
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_tiled_equals_whole_for_every_method(method):
+    image, psf = _data((12, 110, 97), (5, 9, 9))
+    params = {**FAST[method]}
+    tile_shape = (None, 55, 49)
+    tile_plan = tiling.plan(
+        image.shape, psf.shape, method, tile_shape=tile_shape, num_iter=params.get("num_iter")
+    )
+    assert tile_plan.tiles == 4
+    whole = _whole_under_the_tiles_model(image, psf, method, tile_plan, params)
+    tiled = md.deconvolve(image, psf, method, tile_shape=tile_shape, device="cpu", **params)
+    assert tiled.dtype == np.float32 and tiled.shape == image.shape
+    assert _relative_error(tiled, whole) < 1e-3
+
+
+@pytest.mark.parametrize("boundary", ["non-circulant", "periodic", "reflect"])
+@pytest.mark.parametrize("method", ["rl", "wiener"])
+def test_tiled_equals_whole_in_every_boundary_mode(method, boundary):
+    image, psf = _data((10, 96, 96), (5, 9, 9), seed=1)
+    params = {**FAST[method], "boundary": boundary}
+    tile_shape = (None, 32, 48)
+    tile_plan = tiling.plan(
+        image.shape,
+        psf.shape,
+        method,
+        tile_shape=tile_shape,
+        boundary=boundary,
+        num_iter=params.get("num_iter"),
+    )
+    whole = _whole_under_the_tiles_model(image, psf, method, tile_plan, params)
+    tiled = md.deconvolve(image, psf, method, tile_shape=tile_shape, device="cpu", **params)
+    error = np.abs(tiled - whole) / np.abs(whole).max()
+    assert error.max() < 1e-3
+    # the seams and the volume's own border are where it would show first
+    assert error[:, 30:34, :].max() < 1e-3 and error[:, :, -3:].max() < 1e-3
+
+
+@pytest.mark.parametrize("tile_shape", [(None, 128, 128), (None, 101, 263), (19, 151, 132)])
+def test_odd_shape_several_tile_shapes(tile_shape):
+    image, psf = _data((37, 301, 263), (5, 9, 9), seed=2)
+    params = {"num_iter": 6}
+    tile_plan = tiling.plan(image.shape, psf.shape, "rl", tile_shape=tile_shape, num_iter=6)
+    assert tile_plan.tiles > 1
+    whole = _whole_under_the_tiles_model(image, psf, "rl", tile_plan, params)
+    tiled = md.deconvolve(image, psf, "rl", tile_shape=tile_shape, device="cpu", **params)
+    assert _relative_error(tiled, whole) < 1e-3
+
+
+def test_two_dimensional_image():
+    image, psf = _data((200, 180), (11, 11), seed=3)
+    tile_plan = tiling.plan(image.shape, psf.shape, "rl", tile_shape=(64, 64), num_iter=10)
+    assert tile_plan.grid == (4, 3)
+    whole = _whole_under_the_tiles_model(image, psf, "rl", tile_plan, {"num_iter": 10})
+    tiled = md.deconvolve(image, psf, "rl", tile_shape=(64, 64), num_iter=10, device="cpu")
+    assert _relative_error(tiled, whole) < 1e-3
+
+
+def test_the_model_matters_without_it_tiles_disagree():
+    """The shared model is what makes the seams vanish: tiles measuring their own values differ."""
+    image, psf = _data((12, 90, 77), (5, 9, 9))
+    tile_plan = tiling.plan(image.shape, psf.shape, "rl", tile_shape=(None, 45, 40), num_iter=10)
+    whole = _whole_under_the_tiles_model(image, psf, "rl", tile_plan, {"num_iter": 10})
+    volume = da.from_array(image, chunks=tile_plan.chunks)
+    own = volume.map_overlap(
+        lambda block: md.richardson_lucy(block, psf, 10, device="cpu"),
+        depth=dict(enumerate(tile_plan.overlap)),
+        boundary="none",
+        dtype=np.float32,
+    ).compute()
+    assert _relative_error(own, whole) > 3e-3
+
+
+def test_one_tile_is_the_plain_call():
+    image, psf = _data((8, 40, 40), (5, 9, 9))
+    direct = md.richardson_lucy(image, psf, 10, device="cpu")
+    np.testing.assert_array_equal(md.deconvolve(image, psf, "rl", num_iter=10, device="cpu"), direct)
+    assert tiling.plan(image.shape, psf.shape, "rl", memory_limit="1GB").tiles == 1
+
+
+def test_dask_in_lazy_dask_out():
+    image, psf = _data((10, 96, 90), (5, 9, 9), seed=4)
+    lazy = da.from_array(image, chunks=(10, 30, 30))
+    out = md.deconvolve(lazy, psf, "rl", tile_shape=(None, 48, 45), num_iter=8, device="cpu")
+    assert isinstance(out, da.Array) and out.dtype == np.float32 and out.shape == image.shape
+    assert out.numblocks == (1, 2, 2)  # one task per tile
+    eager = md.deconvolve(image, psf, "rl", tile_shape=(None, 48, 45), num_iter=8, device="cpu")
+    np.testing.assert_allclose(out.compute(), eager, rtol=0, atol=1e-5 * eager.max())
+
+
+def test_memory_limit_sets_the_tiles_and_keeps_z_whole():
+    tile_plan = tiling.plan((64, 2048, 2048), (33, 65, 65), "rl", memory_limit="2GB")
+    assert tile_plan.bytes_per_tile <= 2e9
+    assert tile_plan.tile_shape[0] == 64 and tile_plan.grid[0] == 1
+    assert tile_plan.overlap[0] == 0 and tile_plan.overlap[1] > 32
+    bigger = tiling.plan((64, 2048, 2048), (33, 65, 65), "rl", memory_limit="8GB")
+    assert bigger.tiles < tile_plan.tiles
+    assert "tiles" in str(tile_plan) and "per tile" in str(tile_plan)
+    # only when y and x cannot shrink further is z split
+    tight = tiling.plan((400, 64, 64), (9, 9, 9), "rl", memory_limit="20MB")
+    assert tight.grid[0] > 1 and tight.bytes_per_tile <= 20e6
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_working_set_estimate_bounds_the_measured_peak(method):
+    image, psf = _data((16, 64, 60), (5, 9, 9))
+    params = {**FAST[method]}
+    METHODS[method](image, psf, device="cpu", **params)  # FFT plans made
+    tracemalloc.start()
+    try:
+        with recording():  # as a tile runs
+            METHODS[method](image, psf, device="cpu", **params)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    estimate = tiling.working_set_bytes(image.shape, psf.shape, method)
+    assert peak <= estimate
+    assert estimate < 3 * peak + 4e6  # and not wildly pessimistic
+
+
+def test_tol_and_callback_refused_when_tiled():
+    image, psf = _data((8, 64, 64), (5, 9, 9))
+    with pytest.raises(ValueError, match="tol needs the whole volume"):
+        md.deconvolve(image, psf, "rl", tile_shape=(None, 32, 32), tol=1e-3, device="cpu")
+    with pytest.raises(ValueError, match="callback needs the whole volume"):
+        md.deconvolve(image, psf, "rl", tile_shape=(None, 32, 32), callback=lambda i, x: None, device="cpu")
+    # whole: allowed
+    md.deconvolve(image, psf, "rl", tile_shape=None, tol=1e-3, num_iter=3, device="cpu")
+
+
+def test_frames_and_one_psf_per_channel():
+    image, psf = _data((6, 40, 40), (5, 9, 9))
+    other = md.psf.gaussian((5, 9, 9), 2.0)
+    stack = np.stack([np.stack([image, image * 2]), np.stack([image * 3, image])])  # T, C, Z, Y, X
+    out = md.deconvolve(stack, [psf, other], "rl", num_iter=5, device="cpu")
+    assert out.shape == stack.shape and out.dtype == np.float32
+    for t in range(2):
+        for c, p in enumerate([psf, other]):
+            expected = md.richardson_lucy(stack[t, c], p, 5, device="cpu")
+            np.testing.assert_array_equal(out[t, c], expected)
+    lazy = md.deconvolve(da.from_array(stack), [psf, other], "rl", num_iter=5, device="cpu")
+    np.testing.assert_allclose(lazy.compute(), out, rtol=1e-6, atol=1e-6 * out.max())
+    with pytest.raises(ValueError, match="3 PSFs for 2 channels"):
+        md.deconvolve(stack[0], [psf, other, psf], "rl", channel_axis=0, device="cpu")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"memory_limit": -5}, "memory_limit"),
+        ({"memory_limit": "lots"}, "memory_limit|bytes"),
+        ({"tile_shape": (10, 10)}, "tile_shape"),
+        ({"tile_shape": "big"}, "tile_shape"),
+        ({"overlap": "wide"}, "overlap"),
+        ({"overlap": (1, 2)}, "overlap"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    image, psf = _data((6, 32, 32), (3, 5, 5))
+    with pytest.raises(ValueError, match=match):
+        md.deconvolve(image, psf, "rl", device="cpu", **kwargs)
+
+
+def test_memory_limit_too_small():
+    with pytest.raises(ValueError, match="too small"):
+        tiling.plan((16, 64, 64), (9, 9, 9), "rl", memory_limit=1000)
+
+
+def test_tile_model_records_and_applies():
+    model = TileModel()
+    with recording(model):
+        assert shared("a", lambda: 1.0) == 1.0
+    with applying(model):
+        assert shared("a", lambda: 2.0) == 1.0
+    assert shared("a", lambda: 3.0) == 3.0
+    with pytest.raises(TypeError, match="TileModel"):
+        with applying({"a": 1}):
+            pass
+
+
+def test_overlap_grows_with_iterations_and_psf():
+    assert tiling.overlap_for((9, 15, 15), "rl", 100) >= tiling.overlap_for((9, 15, 15), "rl", 10)
+    assert tiling.overlap_for((9, 31, 31), "rl", 30)[1] > tiling.overlap_for((9, 15, 15), "rl", 30)[1]
+    assert all(isinstance(v, int) for v in tiling.overlap_for((9, 15, 15), "wiener"))
+    assert math.prod(tiling.plan((8, 64, 64), (3, 5, 5), "rl", tile_shape=None).grid) == 1
+
+
+def test_local_cluster_matches_local_scheduler():
+    distributed = pytest.importorskip("distributed")
+    image, psf = _data((8, 96, 96), (5, 9, 9), seed=5)
+    lazy = md.deconvolve(da.from_array(image), psf, "rl", tile_shape=(None, 48, 48), num_iter=6, device="cpu")
+    local = lazy.compute(scheduler="threads")
+    with distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+    ) as cluster:
+        with distributed.Client(cluster) as client:
+            remote = client.compute(lazy).result()
+    # the same tiles, the same model; only the FFT library's thread count differs in the workers
+    np.testing.assert_allclose(remote, local, rtol=0, atol=1e-5 * local.max())
