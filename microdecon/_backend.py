@@ -63,6 +63,30 @@ def array_module(array: Any):
     return importlib.import_module("cupy") if is_device_array(array) else np
 
 
+@functools.cache
+def return_freed_memory() -> None:
+    """Have glibc's allocator give large freed blocks back to the system (once per process).
+
+    Tiles allocate and free arrays of tens of megabytes one after another. glibc raises its
+    mmap threshold to the size of each large block freed (up to 32 MB), so the next ones come
+    from the heap, which fragments and keeps growing: a batch of tiles measured 30% over its
+    plan in resident memory, and ran slower on the page faults of a churning heap. With blocks
+    above 1 MB always mapped, and the heap trimmed above 1 MB, memory stays at the plan. Does
+    nothing where glibc is not the allocator.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_mmap_threshold, 1 << 20)
+    mallopt(m_trim_threshold, 1 << 20)
+
+
 def cpu_count() -> int:
     """Cores this process may use (respects affinity masks set by batch schedulers)."""
     try:

@@ -497,6 +497,9 @@ def _deconvolve_volume(image, psf, method, params, *, tile_shape, memory_limit, 
             )
     import dask.array as da
 
+    from ._backend import return_freed_memory
+
+    return_freed_memory()
     volume = image if is_dask else da.from_array(image, chunks=tile_plan.chunks)
     volume = volume.rechunk(tile_plan.chunks)
     model = None
