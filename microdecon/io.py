@@ -28,7 +28,6 @@ import struct
 import sys
 import tempfile
 import uuid
-import weakref
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 from typing import Any
@@ -50,6 +49,7 @@ _UINT16_MAX = 65535
 _BIGTIFF_BYTES = 2**31  # some readers take classic TIFF offsets as signed 32-bit
 _ZARR_CHUNK_BYTES = 16 * 2**20
 _ZARR_PLANE_MAX = 2048
+_TILE_CHUNK_BYTES = 2**20  # a lazy read of a tiled TIFF groups its tiles into chunks of about this
 
 # length units as ImageJ, OME and NGFF (UDUNITS-2) write them, in micrometres
 _UNITS_UM = {
@@ -124,8 +124,8 @@ def imread(path: str | os.PathLike, *, lazy: bool = False) -> tuple[Any, dict[st
         group, of which the full-resolution dataset (the first) is read.
     lazy : bool, optional
         Return a Dask array that reads on ``compute()`` instead of a NumPy array (default False).
-        A TIFF is chunked one plane per block, a Zarr array as stored. The metadata are the same
-        as for an eager read.
+        A TIFF is chunked one plane per block (a tiled TIFF in blocks of whole tiles of about
+        1 MiB), a Zarr array as stored. The metadata are the same as for an eager read.
 
     Returns
     -------
@@ -164,12 +164,14 @@ def imread(path: str | os.PathLike, *, lazy: bool = False) -> tuple[Any, dict[st
 
     Notes
     -----
-    A lazy TIFF read keeps the file open until the Dask array (and every array computed from it)
-    is garbage collected. On Linux the open file pins the data it was read from: the file may be
-    replaced meanwhile (by ``imwrite`` to the same path, for instance) and the lazy array still
-    reads the old contents. Such an array cannot be pickled, so it cannot be sent to the workers of
-    a distributed cluster; a lazy Zarr array can. A lazy Zarr array reads the store by its path
-    when computed.
+    A lazy read keeps no file open: each block opens the file (or store) by its path when it is
+    computed and reads what it holds (its planes; of a tiled TIFF, its tiles), not the rest. The
+    array therefore pickles, and computes on the worker processes of a ``dask.distributed``
+    cluster that see the file at the same path. Pixels changed in place are read as they are then.
+    A lazy TIFF array refuses (``ValueError``) to read a file that was replaced since (another
+    file now at the path, as after ``imwrite`` to the same path; told by its inode number) or that
+    changed size: a lazy array can be written back to its own file, but is not to be used after
+    that; read the new file instead.
 
     Examples
     --------
@@ -194,7 +196,6 @@ def imread(path: str | os.PathLike, *, lazy: bool = False) -> tuple[Any, dict[st
 def _read_tiff(path: Path, lazy: bool) -> tuple[Any, dict[str, Any]]:
     import tifffile
 
-    owned = False  # a lazy array owns the open file once it exists
     tif = None
     try:
         tif = tifffile.TiffFile(path)
@@ -204,31 +205,226 @@ def _read_tiff(path: Path, lazy: bool) -> tuple[Any, dict[str, Any]]:
         if len(file_axes) != len(series.shape):
             raise ValueError(f"axes {series.axes!r} do not match the shape {series.shape}")
         spacing, found, record, base = _tiff_metadata(tif)
-        if lazy:
-            array = _lazy_tiff(tif, series, path)
-            owned = True
-        else:
-            array = series.asarray()
+        array = _lazy_tiff(tif, series, path) if lazy else series.asarray()
     except (tifffile.TiffFileError, ValueError, IndexError, struct.error) as error:
         raise ValueError(f"{path}: not a readable TIFF ({error})") from None
     finally:
-        if tif is not None and not owned:
-            tif.close()
+        if tif is not None:
+            tif.close()  # a lazy array opens the file by its path when it reads
     return _finish(array, file_axes, spacing, found, record, base)
 
 
 def _lazy_tiff(tif: Any, series: Any, path: Path) -> Any:
-    """Wrap the series in a Dask array, one page per block, that owns the open ``tif``."""
+    """A Dask array over the series that reads the file by its path, one plane or tile block per chunk."""
     import dask.array as da
-    import zarr
     from dask.base import tokenize
 
-    store = series.aszarr(level=0, chunkmode="page")  # whole planes of the full resolution
-    # The store reads through tif's open handle; close it when the last array using it goes.
-    weakref.finalize(store, tif.close)
-    stat = path.stat()
-    name = "imread-" + tokenize(str(path.resolve()), stat.st_ino, stat.st_mtime_ns, stat.st_size)
-    return da.from_zarr(zarr.open_array(store, mode="r"), name=name)
+    source = _TiffSource(tif, series, path)
+    name = "imread-" + tokenize(*source.token)
+    meta = np.empty((0,) * len(source.shape), source.dtype)
+    return da.from_array(source, chunks=source.chunks, name=name, lock=False, meta=meta)
+
+
+class _TiffSource:
+    """A TIFF series as a picklable array-like that reads the file by its path on each access.
+
+    Built from the metadata alone (no pixels are read). It holds the path, the layout and where each
+    plane lies in the file, never an open file, so it pickles and reads as well in the worker processes
+    of a cluster (that share the file system) as here. Each ``__getitem__`` opens the file, reads the
+    planes it needs (and of a tiled plane only the tiles it needs), and closes it.
+
+    Three layouts:
+
+    ``"raw"``
+        Uncompressed contiguous pixels (what ``imwrite`` writes): read from their byte offset.
+    ``"pages"``
+        One TIFF page (IFD) per plane: the page is parsed at its recorded offset and decoded,
+        a tiled page tile by tile.
+    ``"series"``
+        Anything else (a series spread over several files, pages that do not stack): read whole,
+        as one chunk, through tifffile's series.
+
+    A file replaced since the read (another inode) or grown or shrunk is refused; changes made in
+    place are read.
+    """
+
+    def __init__(self, tif: Any, series: Any, path: Path) -> None:
+        self.path = os.path.abspath(path)
+        self.shape = tuple(int(n) for n in series.shape)
+        self.dtype = np.dtype(series.dtype).newbyteorder("=")
+        self.ndim = len(self.shape)
+        stat = os.fstat(tif.filehandle.fileno())  # the file the metadata came from
+        self._identity = (stat.st_ino, stat.st_size)
+        self.token = (os.path.realpath(path), stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        self._file_dtype = np.dtype(series.dtype).newbyteorder(tif.byteorder)
+        key = series.keyframe
+        lead = _plane_axes(self.shape, int(key.size))
+        self._mode, self._offset, self._ifds = "series", 0, ()
+        if lead is not None and series.dataoffset is not None:
+            self._mode, self._offset = "raw", int(series.dataoffset)
+        elif lead is not None and len(series.pages) == math.prod(self.shape[:lead]):
+            pages = list(series.pages)  # parsed already, by the check for a truncated file
+            if all(p is not None and p.parent is tif for p in pages):  # not OME's other files
+                self._mode, self._ifds = "pages", tuple(int(p.offset) for p in pages)
+        if self._mode == "series":
+            lead = 0
+        self._lead = lead
+        self._page_shape = tuple(int(n) for n in key.shape)
+        self._whole_pages = self.shape[lead:] == self._page_shape
+        chunks: list[tuple[int, ...]] = [(1,) * n for n in self.shape[:lead]]
+        chunks += [(n,) for n in self.shape[lead:]]
+        if self._mode != "series" and self._whole_pages and key.is_tiled and key.tiledepth == 1:
+            # blocks of whole tiles, about _TILE_CHUNK_BYTES each: a chunk reads only its own tiles
+            tile = (int(key.tilelength), int(key.tilewidth))
+            samples = math.prod(self._page_shape) // max(1, int(key.imagelength) * int(key.imagewidth))
+            tile_bytes = math.prod(tile) * samples * self.dtype.itemsize
+            per_side = max(1, math.isqrt(_TILE_CHUNK_BYTES // max(1, tile_bytes)))
+            for letter, size in zip("YX", tile):
+                axis = lead + key.axes.index(letter)
+                chunks[axis] = _blocks(self.shape[axis], size * per_side)
+        self.chunks = tuple(chunks)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        box, rest = _bounding_box(key, self.shape)
+        return self._read(box)[rest]
+
+    def _read(self, box: list[tuple[int, int]]) -> np.ndarray:
+        out = np.empty([hi - lo for lo, hi in box], self.dtype)
+        if out.size == 0:
+            return out
+        lead, tail = box[: self._lead], box[self._lead :]
+        region = tuple(slice(lo, hi) for lo, hi in tail)
+        with open(self.path, "rb") as handle:
+            stat = os.fstat(handle.fileno())
+            inode, size = self._identity
+            if stat.st_size != size or (inode and stat.st_ino != inode):  # 0: no inodes here
+                raise _ChangedFile(
+                    f"{self.path}: the file was replaced or changed size after it was read lazily; "
+                    "read it again"
+                )
+            try:
+                if self._mode == "series":
+                    import tifffile
+
+                    with tifffile.TiffFile(handle) as tif:
+                        return np.asarray(tif.series[0].asarray())[region]
+                tif = None
+                if self._mode == "pages":
+                    import tifffile
+
+                    tif = tifffile.TiffFile(handle)
+                try:
+                    for index in np.ndindex(*out.shape[: self._lead]):
+                        plane = int(
+                            np.ravel_multi_index(
+                                [i + lo for i, (lo, _) in zip(index, lead)], self.shape[: self._lead]
+                            )
+                        )
+                        if tif is None:
+                            out[index] = self._read_raw(handle, plane, tail)
+                        else:
+                            out[index] = self._read_page(tif, plane, region)
+                finally:
+                    if tif is not None:
+                        tif.close()
+            except _ChangedFile:
+                raise
+            except Exception as error:  # tifffile's errors, short reads: the file is not what it was
+                raise ValueError(
+                    f"{self.path}: cannot read the lazily opened TIFF ({type(error).__name__}: {error}); "
+                    "was it changed since?"
+                ) from error
+        return out
+
+    def _read_raw(self, handle: Any, plane: int, tail: list[tuple[int, int]]) -> np.ndarray:
+        """Rows ``tail[0]`` of one plane, every column: one contiguous run of bytes."""
+        shape = self.shape[self._lead :]
+        row = math.prod(shape[1:])
+        (first, last), others = tail[0], tail[1:]
+        start = self._offset + (plane * math.prod(shape) + first * row) * self._file_dtype.itemsize
+        count = (last - first) * row
+        handle.seek(start)
+        data = handle.read(count * self._file_dtype.itemsize)
+        if len(data) != count * self._file_dtype.itemsize:
+            raise EOFError("image data runs past the end of the file")
+        rows = np.frombuffer(data, self._file_dtype, count).reshape((last - first, *shape[1:]))
+        return rows[(slice(None), *(slice(lo, hi) for lo, hi in others))].astype(self.dtype)
+
+    def _read_page(self, tif: Any, plane: int, region: tuple[slice, ...]) -> np.ndarray:
+        """``region`` of one page, parsed where the page was found; a tiled page reads its tiles only."""
+        import tifffile
+
+        tif.filehandle.seek(self._ifds[plane])
+        page = tifffile.TiffPage(tif, index=plane)
+        if tuple(page.shape) != self._page_shape or np.dtype(page.dtype) != self.dtype:
+            raise _ChangedFile(
+                f"{self.path}: page {plane} changed after the file was read lazily; read it again"
+            )
+        shape = self.shape[self._lead :]
+        full = all(s.start == 0 and s.stop == n for s, n in zip(region, shape))
+        if full or not self._whole_pages:
+            return page.asarray(maxworkers=1).reshape(shape)[region]  # Dask runs chunks in parallel
+        import zarr
+
+        return np.asarray(zarr.open_array(page.aszarr(), mode="r")[region])
+
+
+class _ChangedFile(ValueError):
+    """The file behind a lazy TIFF array is no longer the one it was read from."""
+
+
+def _plane_axes(shape: tuple[int, ...], plane_size: int) -> int | None:
+    """How many leading axes index the planes: the most for which the rest hold one plane's pixels."""
+    for lead in range(len(shape) - 1, -1, -1):
+        if math.prod(shape[lead:]) == plane_size:
+            return lead
+    return None
+
+
+def _blocks(size: int, step: int) -> tuple[int, ...]:
+    return tuple(min(step, size - start) for start in range(0, size, step)) or (0,)
+
+
+def _bounding_box(key: Any, shape: tuple[int, ...]) -> tuple[list[tuple[int, int]], tuple]:
+    """The box of ``shape`` that ``key`` selects from, and the index that picks the selection from the box."""
+    key = key if isinstance(key, tuple) else (key,)
+    used = sum(k is not None and k is not Ellipsis for k in key)
+    if any(k is Ellipsis for k in key):
+        at = next(i for i, k in enumerate(key) if k is Ellipsis)
+        key = key[:at] + (slice(None),) * (len(shape) - used) + key[at + 1 :]
+    key = key + (slice(None),) * (len(shape) - sum(k is not None for k in key))
+    box: list[tuple[int, int]] = []
+    rest: list[Any] = []
+    axis = 0
+    for k in key:
+        if k is None:
+            rest.append(None)
+            continue
+        n = shape[axis]
+        axis += 1
+        if isinstance(k, (int, np.integer)):
+            i = int(k) + n if k < 0 else int(k)
+            if not 0 <= i < n:
+                raise IndexError(f"index {k} is out of bounds for an axis of size {n}")
+            box.append((i, i + 1))
+            rest.append(0)
+        elif isinstance(k, slice):
+            start, stop, step = k.indices(n)
+            count = len(range(start, stop, step))
+            if count == 0:
+                box.append((0, 0))
+                rest.append(slice(0, 0))
+            elif step > 0:
+                box.append((start, start + (count - 1) * step + 1))
+                rest.append(slice(0, None, step))
+            else:
+                low = start + (count - 1) * step
+                box.append((low, start + 1))
+                rest.append(slice(start - low, None, step))
+        else:  # lists and arrays: the whole axis, indexed afterwards
+            box.append((0, n))
+            rest.append(k)
+    return box, tuple(rest)
 
 
 def _tiff_metadata(tif: Any) -> tuple[dict[str, float], dict, dict | None, dict[str, Any]]:

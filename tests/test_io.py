@@ -408,30 +408,122 @@ def test_lazy_read_reads_nothing_until_compute(tmp_path):
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs Linux /proc")
-def test_lazy_tiff_handle_closes_and_replacing_the_file_works(tmp_path):
-    import gc
-
+def test_lazy_tiff_holds_no_file_open_and_refuses_a_replaced_file(tmp_path):
     path = tmp_path / "live.tif"
     old = np.random.default_rng(3).random((3, 8, 8)).astype(np.float32)
     io.imwrite(path, old, {"spacing": (0.3, 0.1, 0.1)})
     lazy, meta = io.imread(path, lazy=True)
-    assert _open_handles(path) == 1
+    assert _open_handles(path) == 0  # each block opens the file by its path when computed
     # the lazy array written back to its own file: read while the new file is written aside
     io.imwrite(path, lazy * 2, meta)
     np.testing.assert_array_equal(io.imread(path)[0], old * 2)
-    np.testing.assert_array_equal(lazy.compute(), old)  # still the file it was read from
+    assert sorted(os.listdir(tmp_path)) == ["live.tif"] and _open_handles(path) == 0
+    # no open file pins the old contents: the array refuses the file that replaced its own
+    with pytest.raises(ValueError, match="live.tif: the file was replaced"):
+        lazy.compute()
     io.imwrite(path, np.zeros((3, 8, 8), np.float32))
-    np.testing.assert_array_equal(lazy[1].compute(), old[1])
-    assert sorted(os.listdir(tmp_path)) == ["live.tif"]
-    derived = lazy + 1
-    del lazy
-    gc.collect()
-    np.testing.assert_array_equal(derived.compute(), old + 1)  # a derived array keeps it open
-    del derived
-    gc.collect()
+    with pytest.raises(ValueError, match="live.tif: the file was replaced"):
+        (lazy[1] + 1).compute()
+    again, _ = io.imread(path, lazy=True)
+    np.testing.assert_array_equal(again.compute(), 0)
     assert _open_handles(path) == 0
-    io.imread(path)  # eager reads close their file at once
-    assert _open_handles(path) == 0
+
+
+def _planes_file(path, compression=None):
+    data = np.random.default_rng(9).random((200, 64, 64)).astype(np.float32)
+    if compression is None:
+        io.imwrite(path, data)  # contiguous, as microdecon writes
+    else:
+        tifffile.imwrite(path, data, compression=compression, photometric="minisblack")
+    return data
+
+
+def _tiled_file(path):
+    data = np.random.default_rng(10).random((2, 700, 600)).astype(np.float32)
+    tifffile.imwrite(path, data, tile=(64, 64), compression="zlib", photometric="minisblack")
+    return data
+
+
+def test_lazy_tiff_pickles(tmp_path):
+    import pickle
+
+    files = {
+        "raw.tif": _planes_file(tmp_path / "raw.tif"),
+        "zlib.tif": _planes_file(tmp_path / "zlib.tif", "zlib"),
+        "tiled.tif": _tiled_file(tmp_path / "tiled.tif"),
+    }
+    for name, data in files.items():
+        lazy, _ = io.imread(tmp_path / name, lazy=True)
+        copy = pickle.loads(pickle.dumps(lazy))
+        assert copy.name == lazy.name and copy.chunks == lazy.chunks
+        np.testing.assert_array_equal(copy.compute(), data)
+        np.testing.assert_array_equal(copy[5:1:-2, 60:70, ::3].compute(), data[5:1:-2, 60:70, ::3])
+
+
+def test_lazy_tiff_computes_on_a_distributed_cluster(tmp_path):
+    distributed = pytest.importorskip("distributed")
+
+    files = {
+        "raw.tif": _planes_file(tmp_path / "raw.tif"),
+        "zlib.tif": _planes_file(tmp_path / "zlib.tif", "zlib"),
+        "tiled.tif": _tiled_file(tmp_path / "tiled.tif"),
+    }
+    lazy = [io.imread(tmp_path / name, lazy=True)[0] for name in files]
+    cluster = distributed.LocalCluster(
+        n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None
+    )
+    with cluster, distributed.Client(cluster) as client:
+        computed = client.compute([a.sum(axis=0) for a in lazy] + lazy, sync=True)
+        assert len(client.run(os.getpid)) == 2  # two worker processes besides this one
+    for data, total, array in zip(files.values(), computed, computed[len(lazy) :]):
+        np.testing.assert_array_equal(array, data)
+        np.testing.assert_allclose(total, data.sum(axis=0), rtol=1e-5)
+
+
+def test_tiled_tiff_reads_in_blocks_of_whole_tiles(tmp_path):
+    data = _tiled_file(tmp_path / "tiled.tif")
+    lazy, meta = io.imread(tmp_path / "tiled.tif", lazy=True)
+    assert meta["axes"] == "ZYX"
+    # about 1 MiB of float32 tiles per block: 8 x 8 tiles of 64 x 64, the last ones cut by the edge
+    assert lazy.chunks == ((1, 1), (512, 188), (512, 88))
+    for axis in (1, 2):
+        edges = np.cumsum(lazy.chunks[axis])[:-1]
+        assert all(edge % 64 == 0 for edge in edges)
+    np.testing.assert_array_equal(lazy.compute(), io.imread(tmp_path / "tiled.tif")[0])
+    np.testing.assert_array_equal(lazy.blocks[1, 1, 0].compute(), data[1:, 512:, :512])
+    np.testing.assert_array_equal(lazy[1, 100:130, 590:].compute(), data[1, 100:130, 590:])
+
+
+def _bytes_read():
+    with open("/proc/self/io") as stats:
+        return next(int(line.split()[1]) for line in stats if line.startswith("rchar"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/io"), reason="needs Linux /proc")
+@pytest.mark.parametrize("kind", ["raw", "zlib", "tiled"])
+def test_a_lazy_block_reads_only_its_own_bytes(tmp_path, kind):
+    import dask
+
+    path = tmp_path / f"{kind}.tif"
+    data = _tiled_file(path) if kind == "tiled" else _planes_file(path, None if kind == "raw" else "zlib")
+    lazy, _ = io.imread(path, lazy=True)
+    block = (1, 1, 1) if kind == "tiled" else (100, 0, 0)
+    with dask.config.set(scheduler="synchronous"):  # reads in this process, where they are counted
+        lazy.blocks[0, 0, 0].compute()  # modules imported on first use are read before counting
+        before = _bytes_read()
+        values = lazy.blocks[block].compute()
+        read = _bytes_read() - before
+    np.testing.assert_array_equal(values, data[_block_slices(lazy, block)])
+    size = path.stat().st_size
+    # one plane of 200 (16 KiB), or the 3 x 2 tiles (16 KiB each) under a 188 x 88 corner block;
+    # 64 KiB more for the TIFF header and the page's tags
+    limit = (1 if kind != "tiled" else 6) * 64 * 64 * 4 + 64 * 2**10
+    assert read < limit < size / 10, (read, size)
+
+
+def _block_slices(array, block):
+    starts = [sum(chunks[:i]) for chunks, i in zip(array.chunks, block)]
+    return tuple(slice(s, s + chunks[i]) for s, chunks, i in zip(starts, array.chunks, block))
 
 
 def test_lazy_read_still_refuses_truncated_files(tmp_path):
