@@ -3,7 +3,11 @@
 ``microdecon demo`` deconvolves the bundled sample and prints time and quality;
 ``microdecon deconvolve INPUT... (--psf PSF.tif | --psf-model MODEL) -o OUTDIR`` deconvolves TIFF
 files, folders of them and glob patterns, one file at a time: a PSF file is resampled to each
-image's voxel size, a model PSF is computed at it; one bad file does not stop the others;
+image's voxel size, a model PSF is computed at it (per channel, at its wavelengths); time and
+channel axes are restored volume by volume, one PSF per channel; files larger than the memory are
+read, restored and written tile by tile; ``--dry-run`` prints the plan and computes nothing; one
+bad file does not stop the others;
+``microdecon info FILE...`` describes files (read lazily) and the tile plan deconvolve would use;
 ``microdecon psf -o PSF.tif ...`` writes a model PSF or one made from measured beads.
 """
 
@@ -133,21 +137,34 @@ _OPTICS: dict[str, tuple[object, tuple[str, ...], str]] = {
 }
 
 
+# optics flags that take several values: sigma per axis; wavelength per channel (deconvolve, info)
+_LISTS = ("sigma", "wavelength")
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _add_optics_flags(parser: argparse.ArgumentParser, model_flag: str) -> None:
+def _add_optics_flags(parser: argparse.ArgumentParser, model_flag: str, *, per_channel: bool = False) -> None:
     """The optics of the PSF models, for ``psf`` and ``deconvolve`` alike (defaults filled in by
-    :func:`_optics`, so that a flag given for the wrong model can be refused)."""
+    :func:`_optics`, so that a flag given for the wrong model can be refused); ``per_channel``:
+    the wavelengths may also come from the image files' metadata, one per channel."""
     group = parser.add_argument_group(f"PSF model optics (with {model_flag})")
     for name, (default, models, text) in _OPTICS.items():
         shown = "" if default is None else f" (default {default})"
+        if per_channel and name == "wavelength":
+            text = (
+                "emission wavelength, um: one for all channels, or one per channel in channel order; "
+                "given, it is used rather than the file's"
+            )
+            shown = f" (default: each channel's from the file's metadata, else {default})"
+        elif per_channel and name == "excitation":
+            shown = f" (default: each channel's from the file's metadata, else {default})"
         only = "" if models == _LENSES else f"; {' / '.join(models)} only"
         group.add_argument(
             _flag(name),
             type=int if name == "oversample" else float,
-            nargs="+" if name == "sigma" else None,
+            nargs="+" if name in _LISTS else None,
             default=None,
             help=f"{text}{shown}{only}",
         )
@@ -159,6 +176,8 @@ def _optics(args: argparse.Namespace, model: str | None, model_flag: str) -> dic
     values = {}
     for name, (default, models, _) in _OPTICS.items():
         given = getattr(args, name)
+        if name == "wavelength" and given:
+            given = given[0]  # the others, one per channel, are the PSF source's to use
         if model in models:
             values[name] = default if given is None else given
         elif given is not None:
@@ -378,38 +397,23 @@ def _cause(error: BaseException, path: Path) -> str:
     return text or type(error).__name__
 
 
-class _PsfSource:
-    """The PSF for each image: a file, resampled to the image's voxel size where they differ, or a
-    model computed at it; each distinct result made once per run."""
+class _PsfFile:
+    """One PSF file, resampled to each image's voxel size where they differ (each size once)."""
 
-    def __init__(self, args: argparse.Namespace):
-        self.model = args.psf_model
-        self.shape = tuple(args.psf_shape) if args.psf_shape else None
+    def __init__(self, path: str, psf_spacing: Sequence[float] | None, warnings: list[str]):
+        self.path = Path(path)
         self.cache: dict[tuple, tuple[np.ndarray, str, str]] = {}
         self.warned = False
-        self.warnings: list[str] = []
-        if self.model:
-            if args.psf_spacing:
-                raise ValueError("--psf-spacing applies to a PSF file (--psf), not to --psf-model")
-            self.optics = _optics(args, self.model, "--psf-model")
-            # refuse impossible optics once, up front, on a tiny grid
-            probe_ndim = len(args.sigma) if self.model == "gaussian" and len(args.sigma) > 1 else 3
-            _model_psf(self.model, (3,) * probe_ndim, (0.1,) * probe_ndim, self.optics)
-            self.description = f"model {self.model}"
-            return
-        if args.psf_shape:
-            raise ValueError("--psf-shape applies to --psf-model, not to a PSF file")
-        _optics(args, None, "--psf-model")
-        self.path = Path(args.psf)
+        self.warnings = warnings
         self.psf, meta = _read(self.path)
         self.psf = _validate.check_psf(self.psf, self.psf.ndim, name=f"the PSF {self.path}")
-        if args.psf_spacing:
-            if len(args.psf_spacing) != self.psf.ndim:
+        if psf_spacing:
+            if len(psf_spacing) != self.psf.ndim:
                 raise ValueError(
-                    f"--psf-spacing has {len(args.psf_spacing)} values but the PSF {self.path} has "
+                    f"--psf-spacing has {len(psf_spacing)} values but the PSF {self.path} has "
                     f"{self.psf.ndim} axes (shape {_shape(self.psf.shape)})"
                 )
-            self.spacing = _validate.per_axis(args.psf_spacing, self.psf.ndim, "--psf-spacing")
+            self.spacing = _validate.per_axis(psf_spacing, self.psf.ndim, "--psf-spacing")
             self.known = True
         else:
             self.spacing, self.known = tuple(meta["spacing"]), bool(meta["spacing_known"])
@@ -420,8 +424,6 @@ class _PsfSource:
         self, path: Path, shape: tuple[int, ...], spacing: tuple[float, ...], known: bool
     ) -> tuple[np.ndarray, str, str]:
         """(PSF, its provenance, a note for the log line or "") for one image."""
-        if self.model:
-            return self._model_for(path, shape, spacing, known)
         if self.psf.ndim != len(shape):
             raise ValueError(
                 f"the PSF {self.path} has shape {_shape(self.psf.shape)} but the image has shape "
@@ -456,31 +458,398 @@ class _PsfSource:
             )
         return self.psf, f"{self.path} (voxel sizes unknown, assumed equal)", ""
 
-    def _model_for(self, path: Path, shape: tuple[int, ...], spacing: tuple[float, ...], known: bool):
-        if not known:
+
+class _ImagePsfs(NamedTuple):
+    """The PSFs of one image: one for every channel, or one per channel."""
+
+    arrays: list  # the PSFs (None where only the shape was asked for)
+    shapes: list[tuple[int, ...]]
+    provenance: str
+    notes: list[str]  # for the log line
+    lines: list[str]  # what each PSF is, for --dry-run and info
+
+
+def _unique(items: Sequence[str]) -> list[str]:
+    return list(dict.fromkeys(i for i in items if i))
+
+
+class _PsfSource:
+    """The PSF for each image and channel: files (one for all channels, or one per channel),
+    resampled to the image's voxel size where they differ, or a model computed at it, per channel
+    at that channel's wavelengths; each distinct result made once per run."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.model = args.psf_model
+        self.shape = tuple(args.psf_shape) if args.psf_shape else None
+        self.cache: dict[tuple, tuple[np.ndarray, str]] = {}
+        self.warnings: list[str] = []
+        self.files: list[_PsfFile] = []
+        self.emission = args.wavelength  # None, one value, or one per channel
+        self.excitation = args.excitation
+        if self.shape and any(n < 1 for n in self.shape):
+            raise ValueError(f"--psf-shape must be positive, got {' '.join(map(str, self.shape))}")
+        if self.model:
+            if args.psf_spacing:
+                raise ValueError("--psf-spacing applies to a PSF file (--psf), not to --psf-model")
+            self.optics = _optics(args, self.model, "--psf-model")
+            # refuse impossible optics once, up front, on a tiny grid
+            probe_ndim = len(args.sigma) if self.model == "gaussian" and len(args.sigma) > 1 else 3
+            lens = self.model in _LENSES
+            for wavelength in (self.emission or [self.optics["wavelength"]]) if lens else [None]:
+                optics = dict(self.optics, wavelength=wavelength) if lens else self.optics
+                _model_psf(self.model, (3,) * probe_ndim, (0.1,) * probe_ndim, optics)
+            self.description = f"model {self.model}"
+            return
+        _optics(args, None, "--psf-model")
+        if not args.psf:  # `info` with --psf-shape alone: a grid, nothing to compute
+            self.description = f"--psf-shape {_shape(self.shape or ())}"
+            return
+        if args.psf_shape:
+            raise ValueError("--psf-shape applies to --psf-model, not to a PSF file")
+        self.files = [_PsfFile(path, args.psf_spacing, self.warnings) for path in args.psf]
+        self.description = ", ".join(f.description for f in self.files)
+
+    def for_image(
+        self,
+        path: Path,
+        shape: tuple[int, ...],
+        spacing: tuple[float, ...],
+        known: bool,
+        *,
+        axes: str,
+        channels: int,
+        meta: dict,
+        compute: bool = True,
+    ) -> _ImagePsfs:
+        """The PSFs for an image of spatial ``shape`` with ``channels`` channels (``compute=False``:
+        model PSFs only sized, not computed)."""
+        if self.files:
+            return self._files_for(path, shape, spacing, known, axes, channels)
+        if self.model is None:
+            if len(self.shape) != len(shape):
+                raise ValueError(
+                    f"--psf-shape has {len(self.shape)} values but the image has {len(shape)} spatial "
+                    f"axes ({_shape(shape)})"
+                )
+            return _ImagePsfs([None], [self.shape], self.description, [], [f"grid {_shape(self.shape)}"])
+        return self._models_for(shape, spacing, known, channels, meta, compute)
+
+    def _files_for(self, path, shape, spacing, known, axes, channels) -> _ImagePsfs:
+        count = len(self.files)
+        if count > 1 and "C" not in axes:
+            raise ValueError(
+                f"{count} PSF files (--psf) were given, one per channel, but the image has no channel "
+                f"axis (axes {axes})"
+            )
+        if count > 1 and count != channels:
+            raise ValueError(
+                f"{count} PSF files (--psf) for {channels} channels (axes {axes}); give one per "
+                "channel, in channel order, or one for all"
+            )
+        found = [f.for_image(path, shape, spacing, known) for f in self.files]
+        lines = [
+            f"{text}: {_shape(psf.shape)}" + ("" if note else ", not resampled") for psf, text, note in found
+        ]
+        if count == 1:
+            provenance = found[0][1]
+        else:
+            provenance = "; ".join(f"channel {c}: {text}" for c, (_, text, _) in enumerate(found))
+            lines = [f"channel {c}: {line}" for c, line in enumerate(lines)]
+        arrays = [psf for psf, _, _ in found]
+        return _ImagePsfs(arrays, [p.shape for p in arrays], provenance, _unique(n for *_, n in found), lines)
+
+    def _wavelengths(self, channels: int, meta: dict) -> list[tuple[float, str, float | None, str]]:
+        """(emission, its source, excitation, its source) per channel: a flag when given, else the
+        file's metadata for that channel when it has it, else the flag's default (the excitation
+        for a confocal model only)."""
+        emission = self.emission
+        if emission and len(emission) not in (1, channels):
+            raise ValueError(
+                f"--wavelength has {len(emission)} values for {channels} channel(s); give one for all, "
+                "or one per channel"
+            )
+        recorded_em = meta.get("wavelengths") or [None] * channels
+        recorded_ex = meta.get("excitation_wavelengths") or [None] * channels
+        values = []
+        for c in range(channels):
+            if emission:
+                em = (emission[c if len(emission) > 1 else 0], "--wavelength")
+            elif recorded_em[c] is not None:
+                em = (recorded_em[c], "file")
+            else:
+                em = (self.optics["wavelength"], "default")
+            if self.model != "confocal":
+                ex = (None, "")
+            elif self.excitation is not None:
+                ex = (self.excitation, "--excitation")
+            elif recorded_ex[c] is not None:
+                ex = (recorded_ex[c], "file")
+            else:
+                ex = (self.optics["excitation"], "default")
+            values.append((*em, *ex))
+        return values
+
+    def _models_for(self, shape, spacing, known, channels, meta, compute) -> _ImagePsfs:
+        if not known and (compute or not self.shape):
             raise ValueError(
                 "no voxel size in its metadata, and a model PSF needs one; give it with --spacing DZ DY DX"
             )
         if len(shape) not in (2, 3):
             raise ValueError(f"the image has shape {_shape(shape)}; a model PSF is 2-D or 3-D")
-        grid = self.shape or _model_shape(self.model, shape, spacing, self.optics)
-        if len(grid) != len(shape):
+        if self.shape and len(self.shape) != len(shape):
             raise ValueError(
-                f"--psf-shape has {len(grid)} values but the image has shape {_shape(shape)}; give one "
-                "per image axis"
+                f"--psf-shape has {len(self.shape)} values but the image has shape {_shape(shape)}; give "
+                "one per image axis"
             )
-        key = ("model", grid, spacing)
-        if key not in self.cache:
-            model = _model_psf(self.model, grid, spacing, self.optics)
+        lens = self.model in _LENSES
+        per_channel = self._wavelengths(channels, meta) if lens else [(None, "", None, "")]
+        arrays, grids, texts, notes = [], [], [], []
+        for em, em_from, ex, ex_from in per_channel:
+            optics = self.optics
+            if lens:
+                optics = dict(optics, wavelength=em, **({"excitation": ex} if ex is not None else {}))
+            grid = self.shape or _model_shape(self.model, shape, spacing, optics)
             text = f"PSF model {self.model} {_shape(grid)} at {_um(spacing)}"
-            self.cache[key] = (model, text, text)
-        return self.cache[key]
+            key = ("model", grid, spacing, em, ex)
+            if compute and key not in self.cache:
+                self.cache[key] = (_model_psf(self.model, grid, spacing, optics), text)
+            arrays.append(self.cache[key][0] if compute else None)
+            grids.append(grid)
+            texts.append(text)
+            note = f"emission {em:g} um ({em_from})" if lens else ""
+            notes.append(note + (f", excitation {ex:g} um ({ex_from})" if ex is not None else ""))
+        if len(set(zip(grids, notes))) == 1:  # every channel the same PSF
+            line = f"model {self.model} {_shape(grids[0])} at {_um(spacing)}"
+            line += f", {notes[0]}" if notes[0] else ""
+            return _ImagePsfs(arrays[:1], grids[:1], texts[0], _unique([texts[0], notes[0]]), [line])
+        lines = [
+            f"channel {c}: model {self.model} {_shape(g)} at {_um(spacing)}, {n}"
+            for c, (g, n) in enumerate(zip(grids, notes))
+        ]
+        each = [f"channel {c}: {t}" + (f", {n}" if n else "") for c, (t, n) in enumerate(zip(texts, notes))]
+        return _ImagePsfs(arrays, grids, "; ".join(each), each, lines)
 
 
 def _device_text(device: str) -> str:
     backend = get_backend(device=device)  # a bad or missing device fails here, before any work
     where = f"gpu:{backend.device_id}" if backend.name == "gpu" else "cpu"
     return f"{where} ({backend.fft_library})"
+
+
+# --------------------------------------------------------------------------------------------
+# One image: its facts (read lazily), its PSFs, its tile plan, and how it will be read
+# --------------------------------------------------------------------------------------------
+#: Without --memory-limit, a file larger than this fraction of the available RAM is read lazily.
+_LAZY_FRACTION = 0.25
+
+
+def _byte_size(text: str) -> int:
+    """``--memory-limit``: bytes from "512MB", "4GB", "2GiB" or a plain number."""
+    import dask.utils
+
+    try:
+        value = dask.utils.parse_bytes(text)
+    except (ValueError, TypeError):
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 512MB or 4GB")
+    return int(value)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)  # pragma: no cover
+
+
+def _disk_bytes(path: Path) -> int:
+    if path.is_dir():  # a Zarr store
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+class _Image(NamedTuple):
+    """What is known of an input before any pixel is read."""
+
+    path: Path
+    lazy: object  # the pixels as a Dask array (stored values; see meta's scale and offset)
+    meta: dict
+    axes: str
+    order: tuple[int, ...]  # the axes put in the order T, C, then Z, Y, X
+    spatial: tuple[int, ...]  # the shape of one volume
+    spacing: tuple[float, ...]  # of the spatial axes
+    known: bool
+    spacing_from: str
+    channels: int
+    channel_axis: int | None  # in the reordered array
+    disk_bytes: int
+    memory_bytes: int
+    itemsize: int  # bytes per voxel handed to the restoration (4 when stored values are scaled)
+
+
+def _open(path: Path) -> _Image:
+    """Read an input's metadata (lazily, so files larger than memory are fine)."""
+    lazy, meta = io.imread(path, lazy=True)
+    axes = str(meta["axes"])
+    frames = [a for a in "TC" if a in axes]
+    spatial_axes = [a for a in "ZYX" if a in axes]
+    order = tuple(axes.index(a) for a in frames + spatial_axes)
+    if len(order) != lazy.ndim:
+        raise ValueError(f"axes {axes} cannot be put in the order T, C, Z, Y, X")
+    spatial = tuple(lazy.shape[axes.index(a)] for a in spatial_axes)
+    scaled = meta.get("scale") is not None or meta.get("offset") is not None
+    itemsize = 4 if scaled else lazy.dtype.itemsize
+    return _Image(
+        path=path,
+        lazy=lazy,
+        meta=meta,
+        axes=axes,
+        order=order,
+        spatial=spatial,
+        spacing=tuple(float(meta["spacing"][axes.index(a)]) for a in spatial_axes),
+        known=bool(meta["spacing_known"]),
+        spacing_from="file",
+        channels=lazy.shape[axes.index("C")] if "C" in axes else 1,
+        channel_axis=frames.index("C") if "C" in frames else None,
+        disk_bytes=_disk_bytes(path),
+        memory_bytes=math.prod(lazy.shape) * itemsize,
+        itemsize=itemsize,
+    )
+
+
+def _with_spacing(image: _Image, args: argparse.Namespace) -> _Image:
+    """The image with the voxel size of ``--spacing`` where given (one per spatial axis)."""
+    if not args.spacing:
+        return image
+    if len(args.spacing) != len(image.spatial):
+        spatial = "".join(a for a in image.axes if a in "ZYX")
+        raise ValueError(
+            f"--spacing has {len(args.spacing)} values but the image has shape {_shape(image.lazy.shape)} "
+            f"(axes {image.axes}); give one per spatial axis ({spatial})"
+        )
+    return image._replace(spacing=tuple(float(s) for s in args.spacing), known=True, spacing_from="--spacing")
+
+
+def _tile_shape(args: argparse.Namespace, ndim: int) -> object:
+    """``--tile-shape`` for ``tiling``: "auto", or one size per axis (-1: the whole axis)."""
+    if not args.tile_shape:
+        return "auto"
+    if len(args.tile_shape) != ndim:
+        raise ValueError(
+            f"--tile-shape has {len(args.tile_shape)} values but the image has {ndim} spatial axes; give "
+            "one per axis (0 or -1 for a whole axis)"
+        )
+    return tuple(-1 if n in (0, -1) else n for n in args.tile_shape)
+
+
+def _tile_plans(image: _Image, psfs: _ImagePsfs, args: argparse.Namespace, params: dict) -> list:
+    """The tile plan of one volume for each PSF (as ``tiling.deconvolve`` will make it)."""
+    from . import tiling
+
+    plans: dict = {}
+    for shape in psfs.shapes:
+        if shape not in plans:
+            plans[shape] = tiling.plan(
+                image.spatial,
+                shape,
+                args.method,
+                tile_shape=_tile_shape(args, len(image.spatial)),
+                memory_limit=args.memory_limit,
+                boundary=params["boundary"],
+                num_iter=params.get("num_iter"),
+                device=args.device,
+                input_itemsize=image.itemsize,
+            )
+    tiles = max(p.tiles for p in plans.values())
+    if tiles > 1 and params.get("tol") is not None:
+        raise ValueError(
+            f"--tol needs the whole volume at every iteration and it is cut into {tiles} tiles; give a "
+            "larger --memory-limit, or --tile-shape 0 0 0 (whole axes)"
+        )
+    return [plans[shape] for shape in psfs.shapes]
+
+
+def _reading(image: _Image, args: argparse.Namespace) -> tuple[bool, str]:
+    """Whether to read the image lazily (tile by tile) rather than whole, and why."""
+    size = max(image.disk_bytes, image.memory_bytes)
+    if args.memory_limit is not None:
+        limit, of = args.memory_limit, "--memory-limit"
+    else:
+        free = get_backend(device="cpu").free_memory()
+        limit, of = int(_LAZY_FRACTION * free), f"{_LAZY_FRACTION:.0%} of the available RAM"
+    if size > limit:
+        return True, f"lazily, tile by tile ({_human(size)} > {of}, {_human(limit)})"
+    return False, f"whole, in memory ({_human(size)} <= {of}, {_human(limit)})"
+
+
+def _plan_text(plans: list, image: _Image) -> list[str]:
+    """The tile plan, once, or per channel where the channels' PSFs differ in size."""
+    volumes = math.prod(image.lazy.shape) // math.prod(image.spatial)
+    each = f" (each of {volumes} volumes)" if volumes > 1 else ""
+    if len({str(p) for p in plans}) == 1:
+        return [f"{plans[0]}{each}"]
+    return [f"channel {c}: {plan}{each}" for c, plan in enumerate(plans)]
+
+
+def _tiles_note(plans: list, image: _Image) -> str:
+    tiles = max(p.tiles for p in plans)
+    if tiles == 1:
+        return ""
+    volumes = math.prod(image.lazy.shape) // math.prod(image.spatial)
+    return f"{tiles} tiles" + (" per volume" if volumes > 1 else "")
+
+
+def _full_spacing(image: _Image) -> tuple[float, ...]:
+    """The voxel size in the file's axis order (1.0 for T and C), as ``io`` records it."""
+    spatial = iter(image.spacing)
+    return tuple(next(spatial) if a in "ZYX" else 1.0 for a in image.axes)
+
+
+def _scaled(array, meta: dict):
+    """Stored integers mapped back to the values they stand for, where the file records a scale and
+    offset (floats that microdecon kept as uint16); NumPy or Dask alike."""
+    scale, offset = meta.pop("scale", None), meta.pop("offset", None)
+    if scale is None and offset is None:
+        return array
+    scale = 1.0 if scale is None else scale
+    return array.astype(np.float32) * np.float32(scale) + np.float32(offset or 0.0)
+
+
+def _restore(image: _Image, psfs: _ImagePsfs, lazy: bool, args: argparse.Namespace, params: dict):
+    """Deconvolve one image: whole in memory, or (``lazy``) as a Dask graph read and written tile
+    by tile; returns the result in the file's axis order (NumPy, or lazy Dask)."""
+    if lazy:
+        pixels = _scaled(image.lazy, image.meta)
+    else:
+        pixels, _ = _read(image.path)
+        image.meta.pop("scale", None)
+        image.meta.pop("offset", None)
+    pixels = pixels.transpose(image.order)
+    psf = psfs.arrays[0] if len(psfs.arrays) == 1 else psfs.arrays
+    restored = deconvolve(
+        pixels,
+        psf,
+        args.method,
+        device=args.device,
+        tile_shape=_tile_shape(args, len(image.spatial)),
+        memory_limit=args.memory_limit,
+        channel_axis=image.channel_axis if len(psfs.arrays) > 1 else None,
+        **params,
+    )
+    return restored.transpose(tuple(int(a) for a in np.argsort(image.order)))
+
+
+def _check_writable_dry(folder: Path) -> None:
+    """What :func:`_check_writable` checks, without making the folder or writing in it."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OSError(f"cannot write to the output folder {folder}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OSError(f"cannot write to the output folder {folder}: Permission denied")
 
 
 def _deconvolve(args: argparse.Namespace) -> int:
@@ -492,13 +861,19 @@ def _deconvolve(args: argparse.Namespace) -> int:
     device = _device_text(args.device)
     if args.spacing:
         _validate.per_axis(args.spacing, len(args.spacing), "--spacing")
+    if args.tile_shape and any(n < -1 for n in args.tile_shape):
+        raise ValueError("--tile-shape takes sizes in voxels, or 0 or -1 for a whole axis")
     source = _PsfSource(args)
     out_dir = Path(args.output)
-    _check_writable(out_dir)
+    if args.dry_run:
+        _check_writable_dry(out_dir)
+    else:
+        _check_writable(out_dir)
     found, failures = _expand(args.inputs, args.recursive)
     jobs, refused = _plan(found, out_dir)
     failures += refused
     total = len(jobs) + len(failures)
+    shown = ", ".join(f"{k}={v}" for k, v in params.items() if k != "progress")
 
     def say(line: str) -> None:
         if not args.quiet:
@@ -509,51 +884,152 @@ def _deconvolve(args: argparse.Namespace) -> int:
 
     for name, cause in failures:
         report(name, cause)
-    say(f"PSF: {source.description}; {args.method} on {device}")
+    (print if args.dry_run else say)(f"PSF: {source.description}; {args.method} on {device}")
     written = skipped = 0
-    for job in tqdm(jobs, desc="files", unit="file", disable=args.quiet, dynamic_ncols=True):
+    bar = not (args.quiet or args.dry_run)
+    for job in tqdm(jobs, desc="files", unit="file", disable=not bar, dynamic_ncols=True):
         path, target = job.path, job.target
         if target.exists() and not args.overwrite:
             skipped += 1
-            say(f"{path}: skipped, {target} exists (--overwrite replaces it)")
+            (print if args.dry_run else say)(f"{path}: skipped, {target} exists (--overwrite replaces it)")
             continue
         try:
             start = time.perf_counter()
-            image, meta = _read(path)
-            shape = tuple(image.shape)
-            if args.spacing:
-                if len(args.spacing) != image.ndim:
-                    raise ValueError(
-                        f"--spacing has {len(args.spacing)} values but the image has shape {_shape(shape)}"
-                    )
-                spacing, known = tuple(float(s) for s in args.spacing), True
-            else:
-                spacing, known = tuple(meta["spacing"]), bool(meta["spacing_known"])
-            psf, psf_text, note = source.for_image(path, shape, spacing, known)
+            image = _with_spacing(_open(path), args)
+            psfs = source.for_image(
+                path,
+                image.spatial,
+                image.spacing,
+                image.known,
+                axes=image.axes,
+                channels=image.channels,
+                meta=image.meta,
+                compute=not args.dry_run,
+            )
             for warning in source.warnings:
                 tqdm.write(f"microdecon: warning: {warning}", file=sys.stderr)
             source.warnings.clear()
-            restored = deconvolve(image, psf, args.method, device=args.device, **params)
-            meta["spacing"], meta["spacing_known"] = spacing, known
-            meta["provenance"] = _provenance(args, params, psf_text, device)
+            plans = _tile_plans(image, psfs, args, params)
+            lazy, reading = _reading(image, args)
+            dtype = image.lazy.dtype
+            if args.dry_run:
+                voxel = (
+                    f"voxel {_um(image.spacing)} ({image.spacing_from})" if image.known else "voxel unknown"
+                )
+                print(f"{path} -> {target}")
+                print(
+                    f"  image: {_shape(image.lazy.shape)} {dtype}, axes {image.axes}, {voxel}, "
+                    f"{_human(image.disk_bytes)} on disk"
+                )
+                for line in psfs.lines:
+                    print(f"  PSF: {line}")
+                print(f"  method: {args.method} on {device}: {shown}")
+                for line in _plan_text(plans, image):
+                    print(f"  tiles: {line}")
+                print(f"  read: {reading}")
+                written += 1
+                continue
+            restored = _restore(image, psfs, lazy, args, params)
+            meta = image.meta
+            meta["spacing"], meta["spacing_known"] = _full_spacing(image), image.known
+            meta["provenance"] = _provenance(args, params, psfs.provenance, device)
             target.parent.mkdir(parents=True, exist_ok=True)
-            io.imwrite(target, restored, meta)
+            if lazy:
+                import dask
+
+                with dask.config.set(scheduler="synchronous"):  # one tile at a time: bounded memory
+                    io.imwrite(target, restored, meta)
+            else:
+                io.imwrite(target, restored, meta)
             written += 1
             seconds = time.perf_counter() - start
+            axes = f" {image.axes}" if image.axes != "ZYX"[-len(image.spatial) :] else ""
+            notes = _unique([_tiles_note(plans, image), "read and written tile by tile" if lazy else ""])
+            notes += psfs.notes
             say(
-                f"{path} -> {target}: {_shape(shape)} {image.dtype}, {args.method}, {seconds:.2f} s "
-                f"on {device}" + (f"; {note}" if note else "")
+                f"{path} -> {target}: {_shape(image.lazy.shape)}{axes} {dtype}, {args.method}, "
+                f"{seconds:.2f} s on {device}" + "".join(f"; {n}" for n in _unique(notes))
             )
         except Exception as error:  # one bad file (or a device out of memory) must not stop the batch
             failures.append((str(path), _cause(error, path)))
             report(*failures[-1])
-    say(f"{written} written, {skipped} skipped, {len(failures)} failed, of {total} file(s)")
+    if args.dry_run:
+        print(
+            f"dry run: {written} to write, {skipped} skipped, {len(failures)} failed, of {total} file(s); "
+            "nothing was computed or written"
+        )
+    else:
+        say(f"{written} written, {skipped} skipped, {len(failures)} failed, of {total} file(s)")
     if failures:
         print(f"{len(failures)} of {total} file(s) failed:", file=sys.stderr)
         for name, cause in failures:
             print(f"  {name}: {cause}", file=sys.stderr)
         return 1
     return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    params = _method_params(args)
+    default = not (args.psf or args.psf_model or args.psf_shape)
+    if default:
+        args.psf_model = "widefield"  # the grid deconvolve --psf-model widefield would use
+    if args.tile_shape and any(n < -1 for n in args.tile_shape):
+        raise ValueError("--tile-shape takes sizes in voxels, or 0 or -1 for a whole axis")
+    source = _PsfSource(args)
+    found, failures = _expand(args.files, recursive=False)
+    for name, cause in failures:
+        print(f"{name}: error: {cause}", file=sys.stderr)
+    first = True
+    for path, _, _ in found:
+        try:
+            image = _open(path)
+        except Exception as error:  # unreadable: named on one line, and the others go on
+            failures.append((str(path), _cause(error, path)))
+            print(f"{path}: error: {failures[-1][1]}", file=sys.stderr)
+            continue
+        if not first:
+            print()
+        first = False
+        meta = image.meta
+        print(f"{path}")
+        print(f"  shape: {_shape(image.lazy.shape)}, {image.lazy.dtype}, axes {image.axes}")
+        print(f"  voxel size: {_um(image.spacing) if image.known else 'unknown'}")
+        names, em = meta.get("channel_names"), meta.get("wavelengths")
+        ex = meta.get("excitation_wavelengths")
+        if names or em or ex:
+            channels = []
+            for c in range(image.channels):
+                parts = [repr(names[c]) if names and names[c] else f"channel {c}"]
+                if em and em[c] is not None:
+                    parts.append(f"emission {em[c]:g} um")
+                if ex and ex[c] is not None:
+                    parts.append(f"excitation {ex[c]:g} um")
+                channels.append(" ".join(parts))
+            print(f"  channels: {image.channels}: " + ", ".join(channels))
+        if meta.get("scale") is not None:
+            print(f"  stored as {image.lazy.dtype}: values = stored x {meta['scale']:g} + {meta['offset']:g}")
+        print(f"  file size: {_human(image.disk_bytes)} ({image.disk_bytes} bytes)")
+        try:
+            image = _with_spacing(image, args)
+            psfs = source.for_image(
+                path,
+                image.spatial,
+                image.spacing,
+                image.known,
+                axes=image.axes,
+                channels=image.channels,
+                meta=meta,
+                compute=False,
+            )
+            source.warnings.clear()
+            for line in psfs.lines:
+                print("  PSF" + (" (none given: --psf-model widefield)" if default else "") + f": {line}")
+            for line in _plan_text(_tile_plans(image, psfs, args, params), image):
+                print(f"  tile plan ({args.method}): {line}")
+            print(f"  deconvolve reads it {_reading(image, args)[1]}")
+        except (ValueError, TypeError) as error:
+            print(f"  tile plan: not available: {_cause(error, path)}")
+    return 1 if failures else 0
 
 
 def _psf(args: argparse.Namespace) -> int:
@@ -585,6 +1061,8 @@ def _psf(args: argparse.Namespace) -> int:
         else:
             raise ValueError(f"{path} has no voxel size in its metadata; give it with --spacing")
     else:
+        if args.wavelength and len(args.wavelength) > 1:
+            raise ValueError("--wavelength takes one value for the psf command")
         optics = _optics(args, args.model, "--model")
         if not (args.shape and args.spacing):
             raise ValueError("a model PSF needs --shape Z Y X and --spacing DZ DY DX (micrometres)")
@@ -617,6 +1095,60 @@ def _add_method_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_psf_flags(parser: argparse.ArgumentParser, *, required: bool) -> None:
+    """Where the PSF comes from, and the voxel sizes: shared by ``deconvolve`` and ``info``."""
+    psf_source = parser.add_mutually_exclusive_group(required=required)
+    psf_source.add_argument(
+        "--psf",
+        action="append",
+        metavar="PSF",
+        help="PSF TIFF file (resampled to each image's voxel size if it differs); once for every "
+        "channel, or repeated, one file per channel in channel order",
+    )
+    psf_source.add_argument(
+        "--psf-model",
+        choices=_MODELS,
+        help="compute the PSF from the optics flags below, per voxel size and, for widefield and "
+        "confocal, per channel at its wavelengths",
+    )
+    parser.add_argument(
+        "--spacing",
+        type=float,
+        nargs="+",
+        metavar="D",
+        help="voxel size DZ DY DX in micrometres, one per spatial axis: overrides the files' metadata",
+    )
+    parser.add_argument(
+        "--psf-spacing",
+        type=float,
+        nargs="+",
+        metavar="D",
+        help="voxel size of the --psf file(s), micrometres, when their metadata has none (or is wrong)",
+    )
+
+
+def _add_plan_flags(parser: argparse.ArgumentParser) -> None:
+    """How volumes are cut into tiles: shared by ``deconvolve`` and ``info``."""
+    group = parser.add_argument_group("tiles and memory")
+    group.add_argument(
+        "--tile-shape",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="tile size Z Y X in voxels (Y X for 2-D images), each restored with an overlap and "
+        "stitched; 0 or -1 keeps an axis whole (default: whole volumes when they fit the memory, "
+        "else the fewest tiles that do)",
+    )
+    group.add_argument(
+        "--memory-limit",
+        type=_byte_size,
+        metavar="SIZE",
+        help="memory one tile may use, e.g. 512MB or 4GB; a file larger than this is read and "
+        "written tile by tile (default: 60%% of the device's free memory per tile, and files "
+        "larger than 25%% of the available RAM read tile by tile)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="microdecon", description="Deconvolve fluorescence microscopy stacks."
@@ -646,28 +1178,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="TIFF files, folders (every .tif/.tiff in them, sorted) and glob patterns such as "
         "'data/*.tif' (expanded here too, for shells that do not)",
     )
-    psf_source = run.add_mutually_exclusive_group(required=True)
-    psf_source.add_argument(
-        "--psf", help="PSF TIFF file (resampled to each image's voxel size if it differs)"
-    )
-    psf_source.add_argument(
-        "--psf-model", choices=_MODELS, help="compute the PSF from the optics flags below, per voxel size"
-    )
+    _add_psf_flags(run, required=True)
     run.add_argument("-o", "--output", required=True, help="output folder (made if missing)")
-    run.add_argument(
-        "--spacing",
-        type=float,
-        nargs="+",
-        metavar="D",
-        help="voxel size DZ DY DX in micrometres, one per image axis: overrides the files' metadata",
-    )
-    run.add_argument(
-        "--psf-spacing",
-        type=float,
-        nargs="+",
-        metavar="D",
-        help="voxel size of the --psf file, micrometres, when its metadata has none (or is wrong)",
-    )
     run.add_argument(
         "--psf-shape", type=int, nargs="+", metavar="N", help="grid of a --psf-model (default: see below)"
     )
@@ -677,8 +1189,38 @@ def build_parser() -> argparse.ArgumentParser:
         help="search folders' subfolders too (outputs keep the subfolders); ** in patterns spans folders",
     )
     run.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print what would be done to each input (output, shape, axes, voxel size, PSF, method, "
+        "tiles, how it is read) and check it, without computing or writing anything",
+    )
+    _add_plan_flags(run)
     _add_method_flags(run)
-    _add_optics_flags(run, "--psf-model")
+    _add_optics_flags(run, "--psf-model", per_channel=True)
+
+    info = commands.add_parser(
+        "info",
+        help="describe image files and how deconvolve would cut them into tiles",
+        description=(
+            "For each FILE: shape, dtype, axes, voxel size, channels, file size, and the tile plan\n"
+            "deconvolve would use with the same flags (without a PSF: the grid of --psf-model\n"
+            "widefield at the file's voxel size). Only metadata are read, so files larger than the\n"
+            "memory are fine. Exit code 0 only if every file could be read: 1 if any could not\n"
+            "(each named on one line), 2 for bad flags."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    info.add_argument(
+        "files", nargs="+", metavar="FILE", help="TIFF files or Zarr stores (folders, patterns)"
+    )
+    _add_psf_flags(info, required=False)
+    info.add_argument(
+        "--psf-shape", type=int, nargs="+", metavar="N", help="the PSF's shape, instead of a file or model"
+    )
+    _add_plan_flags(info)
+    _add_method_flags(info)
+    _add_optics_flags(info, "--psf-model", per_channel=True)
 
     psf = commands.add_parser("psf", help="write a model PSF, or one made from a measured bead or bead stack")
     psf.add_argument("-o", "--output", required=True, help="output TIFF")
@@ -707,9 +1249,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``microdecon`` command; returns the exit code.
 
-    0 when everything succeeded, 1 when some files of a ``deconvolve`` batch failed (each named on
-    stderr, with its reason), 2 for bad flags or an error that stops the whole run (an unreadable
-    PSF, an output folder that cannot be written).
+    0 when everything succeeded, 1 when some files of a ``deconvolve`` batch failed or some files
+    given to ``info`` could not be read (each named on stderr, with its reason), 2 for bad flags or
+    an error that stops the whole run (an unreadable PSF, an output folder that cannot be written).
 
     Examples
     --------
@@ -725,6 +1267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _demo(args)
         if args.command == "psf":
             return _psf(args)
+        if args.command == "info":
+            return _info(args)
         return _deconvolve(args)
     except (OSError, ValueError, TypeError) as error:
         print(f"microdecon: error: {error}", file=sys.stderr)

@@ -675,3 +675,352 @@ def test_other_formats_and_values_stored_with_a_scale(tmp_path, psf_file, capsys
         np.testing.assert_allclose(
             restored, md.deconvolve(image, psf, "rl", num_iter=2, device="cpu", background=0.0), rtol=1e-5
         )
+
+
+# --------------------------------------------------------------------------------------------
+# info, --dry-run, tiles and memory, large files, channels and time points
+# --------------------------------------------------------------------------------------------
+def channels(count=2, seed=0, shape=(8, 32, 32)):
+    """``count`` stacks (uint16) blurred with PSFs of growing width, and those PSFs."""
+    psfs = [
+        md.psf.gaussian((7, 9, 9), (0.3, 0.1 + 0.05 * c, 0.1 + 0.05 * c), spacing=SPACING)
+        for c in range(count)
+    ]
+    images = []
+    for c, psf in enumerate(psfs):
+        truth = md.data.phantom(shape, seed=seed + c)
+        blurred = md.convolve(truth, psf, device="cpu")
+        images.append(
+            np.random.default_rng(seed + c).poisson(np.clip(blurred, 0, None) + 10).astype(np.uint16)
+        )
+    return np.stack(images), psfs
+
+
+def rl(image, psf, **options):
+    """What the command computes with FAST for one volume."""
+    return md.richardson_lucy(image, psf, 2, device="cpu", background=0.0, **options)
+
+
+def psf_files(tmp_path, psfs):
+    return [str(write(tmp_path / f"psf{c}.tif", p)) for c, p in enumerate(psfs)]
+
+
+def test_info_describes_each_file_and_its_tile_plan(tmp_path, psf_file, capsys):
+    image, _ = channels(shape=(8, 64, 64))
+    ome = tmp_path / "two.ome.tif"
+    io.imwrite(
+        ome,
+        image,
+        {"axes": "CZYX", "spacing": SPACING, "channel_names": ["GFP", "RFP"], "wavelengths": [0.52, 0.61]},
+    )
+    bare = write(tmp_path / "bare.tif", image[0], spacing=None)
+    bad = tmp_path / "bad.tif"
+    bad.write_text("not a tiff")
+    argv = ["info", str(ome), str(bare), "--psf", str(psf_file), "--memory-limit", "2MB", "--num-iter", "2"]
+    assert main([*argv, "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    blocks = printed.split("\n\n")
+    assert len(blocks) == 2
+    lines = blocks[0].splitlines()
+    size = os.path.getsize(ome)
+    assert lines[:5] == [
+        str(ome),
+        "  shape: 2x8x64x64, uint16, axes CZYX",
+        "  voxel size: 0.2x0.1x0.1 um",
+        "  channels: 2: 'GFP' emission 0.52 um, 'RFP' emission 0.61 um",
+        f"  file size: {size / 1000:.1f} KB ({size} bytes)",
+    ]
+    expected = md.tiling.plan((8, 64, 64), (7, 9, 9), "rl", memory_limit="2MB", num_iter=2, input_itemsize=2)
+    assert expected.tiles == 9
+    assert f"  tile plan (rl): {expected} (each of 2 volumes)" in lines
+    assert f"  PSF: {psf_file}: 7x9x9, not resampled" in lines
+    assert "  voxel size: unknown" in blocks[1] and "channels" not in blocks[1]
+    # without a voxel size the PSF cannot be matched: said so, and the file still counts as read
+    assert "tile plan: not available: no voxel size in its metadata" in blocks[1]
+    # --tile-shape as in deconvolve
+    assert main([*argv[:2], "--psf", str(psf_file), "--tile-shape", "0", "-1", "32", "--num-iter", "2"]) == 0
+    tile_plan = md.tiling.plan(
+        (8, 64, 64), (7, 9, 9), "rl", tile_shape=(-1, -1, 32), num_iter=2, input_itemsize=2
+    )
+    assert tile_plan.tiles == 2
+    assert f"  tile plan (rl): {tile_plan} (each of 2 volumes)" in capsys.readouterr().out.splitlines()
+    # no PSF: the grid of --psf-model widefield, per channel at its wavelength
+    assert main(["info", str(ome), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    optics = {"na": 1.4, "wavelength": 0.52, "n_immersion": 1.515, "n_sample": None}
+    grid = _model_shape("widefield", (8, 64, 64), SPACING, optics)
+    shape = "x".join(map(str, grid))
+    line = (
+        f"  PSF (none given: --psf-model widefield): channel 0: model widefield {shape} at 0.2x0.1x0.1 um, "
+    )
+    line += "emission 0.52 um (file)"
+    assert line in printed.splitlines() and "emission 0.61 um (file)" in printed
+    tile_plan = md.tiling.plan((8, 64, 64), grid, "rl", device="cpu", input_itemsize=2)
+    assert f"  tile plan (rl): channel 0: {tile_plan} (each of 2 volumes)" in printed.splitlines()
+    # a file that cannot be read: one line naming it, exit code 1, the others still described
+    assert main(["info", str(bad), str(bare)]) == 1
+    captured = capsys.readouterr()
+    assert len(captured.err.splitlines()) == 1 and captured.err.startswith(
+        f"{bad}: error: not a readable TIFF"
+    )
+    assert captured.out.startswith(str(bare)) and "shape: 8x64x64, uint16, axes ZYX" in captured.out
+    assert main(["info", str(ome), "--memory-limit", "lots"]) == 2
+    assert "is not a size such as 512MB or 4GB" in capsys.readouterr().err
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
+    image, _ = stack(shape=(8, 40, 40))
+    fine = md.psf.gaussian((13, 17, 17), (0.3, 0.15, 0.15), spacing=(0.1, 0.05, 0.05))
+    psf_path = write(tmp_path / "fine.tif", fine, spacing=(0.1, 0.05, 0.05))
+    good = write(tmp_path / "in" / "a.tif", image)
+    flat = write(tmp_path / "in" / "flat.tif", image[4], spacing=SPACING[1:])
+    out = tmp_path / "out" / "deeper"
+    argv = ["deconvolve", str(good), "--psf", str(psf_path), "-o", str(out), "--dry-run", "-q", *FAST]
+    assert main([*argv, "--tile-shape", "0", "0", "20"]) == 0
+    printed = capsys.readouterr().out
+    assert not (tmp_path / "out").exists()  # not even the output folder
+    resampled = md.psf.resample(fine, (0.1, 0.05, 0.05), SPACING)
+    plan = md.tiling.plan((8, 40, 40), resampled.shape, "rl", tile_shape=(-1, -1, 20), num_iter=2)
+    assert plan.tiles == 2
+    shape = "x".join(map(str, resampled.shape))
+    assert printed.splitlines()[1:] == [
+        f"{good} -> {out / 'a_decon.tif'}",
+        "  image: 8x40x40 uint16, axes ZYX, voxel 0.2x0.1x0.1 um (file), "
+        f"{md.tiling._human(os.path.getsize(good))} on disk",
+        f"  PSF: {psf_path}, PSF resampled from 0.1x0.05x0.05 um to 0.2x0.1x0.1 um: {shape}",
+        "  method: rl on cpu (" + printed.split("  method: rl on cpu (")[1].split(")")[0] + "): "
+        "boundary=non-circulant, background=0.0, num_iter=2",
+        f"  tiles: {plan}",
+        "  read: " + printed.split("  read: ")[1].splitlines()[0],
+        "dry run: 1 to write, 0 skipped, 0 failed, of 1 file(s); nothing was computed or written",
+    ]
+    assert printed.split("  read: ")[1].startswith("whole, in memory (")
+    # bad inputs are still found and reported, and still nothing is written
+    bad = tmp_path / "in" / "bad.tif"
+    bad.write_text("not a tiff")
+    code = main(
+        ["deconvolve", str(tmp_path / "in"), "--psf", str(psf_path), "-o", str(out), "--dry-run", *FAST]
+    )
+    captured = capsys.readouterr()
+    assert code == 1 and not (tmp_path / "out").exists()
+    causes = {line.split(": FAILED: ")[0]: line.split(": FAILED: ")[1] for line in failed_lines(captured.err)}
+    assert set(causes) == {str(bad), str(flat)}
+    assert causes[str(bad)].startswith("not a readable TIFF")
+    assert causes[str(flat)] == (
+        f"the PSF {psf_path} has shape 13x17x17 but the image has shape 40x40; "
+        "they need the same number of axes"
+    )
+    assert "dry run: 1 to write, 0 skipped, 2 failed, of 3 file(s)" in captured.out
+    # a memory limit no tile fits in is found before anything runs
+    assert main([*argv, "--memory-limit", "10KB"]) == 1
+    assert "memory_limit of 10.0 KB is too small for rl" in capsys.readouterr().err
+
+
+def test_tile_shape_and_memory_limit_reach_the_restoration(tmp_path, psf_file, capsys):
+    image, psf = stack(shape=(8, 64, 64))
+    path = write(tmp_path / "a.tif", image)
+    out = tmp_path / "out"
+    argv = ["deconvolve", str(path), "--psf", str(psf_file), "-o", str(out), *FAST]
+    assert main([*argv, "--tile-shape", "0", "32", "-1"]) == 0
+    line = [line for line in capsys.readouterr().out.splitlines() if " -> " in line][0]
+    assert line.endswith("on cpu (" + line.split("on cpu (")[1].split(")")[0] + "); 2 tiles")
+    tiled = md.deconvolve(image, psf, "rl", num_iter=2, device="cpu", background=0.0, tile_shape=(-1, 32, -1))
+    restored = io.imread(out / "a_decon.tif")[0]
+    np.testing.assert_allclose(restored, tiled, rtol=1e-5, atol=1e-5 * float(tiled.max()))
+    # tiles differ from the whole volume (a little), so the tiling really happened
+    assert not np.allclose(restored, rl(image, psf), rtol=1e-6, atol=0)
+    # --memory-limit: the library's plan for that limit
+    limit = "2MB"
+    plan = md.tiling.plan((8, 64, 64), psf.shape, "rl", memory_limit=limit, num_iter=2, input_itemsize=2)
+    assert 1 < plan.tiles
+    assert main([*argv, "--memory-limit", limit, "--overwrite", "-q", "--spacing", *map(str, SPACING)]) == 0
+    expected = md.deconvolve(image, psf, "rl", num_iter=2, device="cpu", background=0.0, memory_limit=limit)
+    np.testing.assert_allclose(
+        io.imread(out / "a_decon.tif")[0], expected, rtol=1e-5, atol=1e-5 * float(expected.max())
+    )
+    # wrong counts and sizes are refused
+    assert main([*argv, "--tile-shape", "32", "32", "--overwrite", "-q"]) == 1
+    assert "--tile-shape has 2 values but the image has 3 spatial axes" in capsys.readouterr().err
+    assert main([*argv, "--tile-shape", "0", "-5", "0"]) == 2
+    assert main([*argv, "--tol", "1e-3", "--tile-shape", "0", "32", "0", "--overwrite", "-q"]) == 1
+    assert "--tol needs the whole volume" in capsys.readouterr().err
+
+
+def test_a_file_larger_than_the_memory_is_read_and_written_tile_by_tile(tmp_path, capsys, monkeypatch):
+    psf = md.psf.gaussian((9, 9), 1.5)
+    truth = md.data.phantom((640, 640), seed=3)
+    image = (md.convolve(truth, psf, device="cpu") + 10).astype(np.float32)  # 1.6 MB
+    path = write(tmp_path / "big.tif", image, spacing=SPACING[1:])
+    psf_path = write(tmp_path / "psf.tif", psf, spacing=SPACING[1:])
+    limit = "1.5MB"  # smaller than the file, larger than a tile
+    plan = md.tiling.plan(image.shape, psf.shape, "rl", memory_limit=limit, num_iter=2)
+    assert 1 < plan.tiles <= 25
+    seen = []
+    original = md.restore.deconvolve
+
+    def spy(pixels, *args, **kwargs):
+        seen.append(type(pixels).__module__.split(".")[0])
+        return original(pixels, *args, **kwargs)
+
+    monkeypatch.setattr("microdecon.cli.deconvolve", spy)
+    out = tmp_path / "out"
+    argv = ["deconvolve", str(path), "--psf", str(psf_path), "-o", str(out), *FAST, "--memory-limit", limit]
+    assert main(argv) == 0
+    assert seen == ["dask"]
+    line = [line for line in capsys.readouterr().out.splitlines() if " -> " in line][0]
+    assert line.endswith(f"; {plan.tiles} tiles; read and written tile by tile")
+    restored, meta = io.imread(out / "big_decon.tif")
+    assert meta["spacing"] == SPACING[1:] and restored.dtype == np.float32
+    # the same as the in-memory path with the same tiles
+    in_memory = md.deconvolve(image, psf, "rl", num_iter=2, device="cpu", background=0.0, memory_limit=limit)
+    np.testing.assert_allclose(restored, in_memory, rtol=1e-5, atol=1e-5 * float(in_memory.max()))
+    # a file smaller than the limit stays in memory
+    assert main([*argv[:-1], "64MB", "--overwrite", "-q"]) == 0
+    assert seen[-1] == "numpy"
+    np.testing.assert_allclose(io.imread(out / "big_decon.tif")[0], rl(image, psf), rtol=1e-5, atol=1e-4)
+
+
+def test_each_channel_gets_its_own_psf(tmp_path, capsys):
+    image, psfs = channels()
+    path = tmp_path / "two.tif"
+    io.imwrite(path, image, {"axes": "CZYX", "spacing": SPACING})
+    out = tmp_path / "out"
+    argv = ["deconvolve", str(path), "-o", str(out), "-q", *FAST]
+    files = psf_files(tmp_path, psfs)
+    assert main([*argv, "--psf", files[0], "--psf", files[1]]) == 0
+    restored, meta = io.imread(out / "two_decon.tif")
+    assert meta["axes"] == "CZYX" and restored.shape == image.shape
+    for c in range(2):
+        np.testing.assert_allclose(restored[c], rl(image[c], psfs[c]), rtol=1e-5, atol=1e-5)
+    assert meta["provenance"]["psf"] == f"channel 0: {files[0]}; channel 1: {files[1]}"
+    # one PSF serves every channel
+    assert main([*argv, "--psf", files[1], "--overwrite"]) == 0
+    restored = io.imread(out / "two_decon.tif")[0]
+    for c in range(2):
+        np.testing.assert_allclose(restored[c], rl(image[c], psfs[1]), rtol=1e-5, atol=1e-5)
+    # as many PSFs as channels, or one
+    assert main([*argv, "--psf", files[0], "--psf", files[1], "--psf", files[0], "--overwrite"]) == 1
+    lines = failed_lines(capsys.readouterr().err)
+    assert lines == [
+        f"{path}: FAILED: 3 PSF files (--psf) for 2 channels (axes CZYX); give one per channel, "
+        "in channel order, or one for all"
+    ]
+    single = write(tmp_path / "single.tif", image[0])
+    assert (
+        main(["deconvolve", str(single), "-o", str(out), "-q", *FAST, "--psf", files[0], "--psf", files[1]])
+        == 1
+    )
+    assert (
+        "2 PSF files (--psf) were given, one per channel, but the image has no channel axis (axes ZYX)"
+        in (capsys.readouterr().err)
+    )
+
+
+def test_a_time_lapse_of_channels(tmp_path, capsys):
+    first, psfs = channels(seed=0)
+    second, _ = channels(seed=5)
+    image = np.stack([first, second])  # T, C, Z, Y, X
+    path = tmp_path / "movie.tif"
+    io.imwrite(path, image, {"axes": "TCZYX", "spacing": SPACING})
+    out = tmp_path / "out"
+    files = psf_files(tmp_path, psfs)
+    assert main(["deconvolve", str(path), "-o", str(out), *FAST, "--psf", files[0], "--psf", files[1]]) == 0
+    line = [line for line in capsys.readouterr().out.splitlines() if " -> " in line][0]
+    assert ": 2x2x8x32x32 TCZYX uint16, rl, " in line
+    restored, meta = io.imread(out / "movie_decon.tif")
+    assert meta["axes"] == "TCZYX" and meta["spacing"] == (1.0, 1.0, *SPACING)
+    for t in range(2):
+        for c in range(2):
+            np.testing.assert_allclose(restored[t, c], rl(image[t, c], psfs[c]), rtol=1e-5, atol=1e-5)
+
+
+def test_channels_between_the_spatial_axes_are_moved_and_moved_back(tmp_path, capsys):
+    image, psfs = channels()
+    zcyx = np.ascontiguousarray(np.moveaxis(image, 0, 1))
+    path = tmp_path / "zc.tif"
+    io.imwrite(path, zcyx, {"axes": "ZCYX", "spacing": SPACING})
+    out = tmp_path / "out"
+    files = psf_files(tmp_path, psfs)
+    argv = ["deconvolve", str(path), "-o", str(out), *FAST, "--psf", files[0], "--psf", files[1]]
+    # in memory, and read lazily (a limit below the file's size; whole volumes): the same
+    for lazy in (False, True):
+        extra = ["--memory-limit", "20KB", "--tile-shape", "0", "0", "0", "--overwrite"] if lazy else []
+        assert main([*argv, *extra]) == 0
+        line = [line for line in capsys.readouterr().out.splitlines() if " -> " in line][0]
+        assert (": 8x2x32x32 ZCYX uint16, rl, " in line) and line.endswith(
+            "read and written tile by tile"
+        ) == lazy
+        restored, meta = io.imread(out / "zc_decon.tif")
+        assert meta["axes"] == "ZCYX" and restored.shape == zcyx.shape
+        for c in range(2):
+            np.testing.assert_allclose(restored[:, c], rl(image[c], psfs[c]), rtol=1e-5, atol=1e-5)
+
+
+def test_model_psfs_per_channel_at_each_channels_wavelength(tmp_path, capsys):
+    image, _ = channels()
+    path = tmp_path / "two.ome.tif"
+    io.imwrite(path, image, {"axes": "CZYX", "spacing": SPACING, "wavelengths": [0.45, 0.65]})
+    out = tmp_path / "out"
+    optics = ["--na", "1.2", "--n-immersion", "1.33"]
+    argv = ["deconvolve", str(path), "-o", str(out), *FAST, "--psf-model", "widefield", *optics]
+
+    def model(wavelength):
+        grid = _model_shape(
+            "widefield",
+            (8, 32, 32),
+            SPACING,
+            {"na": 1.2, "wavelength": wavelength, "n_immersion": 1.33, "n_sample": None},
+        )
+        return md.psf.widefield(grid, SPACING, wavelength=wavelength, na=1.2, n_immersion=1.33)
+
+    def check(wavelengths):
+        restored = io.imread(out / "two_decon.ome.tif")[0]
+        for c, wavelength in enumerate(wavelengths):
+            np.testing.assert_allclose(restored[c], rl(image[c], model(wavelength)), rtol=1e-5, atol=1e-5)
+
+    # the file's emission wavelengths, one per channel
+    assert main(argv) == 0
+    line = [line for line in capsys.readouterr().out.splitlines() if " -> " in line][0]
+    assert "channel 0: PSF model widefield" in line and "emission 0.45 um (file)" in line
+    assert "channel 1: PSF model widefield" in line and "emission 0.65 um (file)" in line
+    check([0.45, 0.65])
+    # --wavelength, one per channel, is used rather than the file's
+    assert main([*argv, "--wavelength", "0.5", "0.6", "--overwrite"]) == 0
+    line = [line for line in capsys.readouterr().out.splitlines() if " -> " in line][0]
+    assert "emission 0.5 um (--wavelength)" in line and "emission 0.6 um (--wavelength)" in line
+    check([0.5, 0.6])
+    # a file without wavelengths: --wavelength, or the default
+    plain = tmp_path / "plain.tif"
+    io.imwrite(plain, image, {"axes": "CZYX", "spacing": SPACING})
+    assert main([*argv[:1], str(plain), *argv[2:], "-q", "--wavelength", "0.5", "0.6", "0.7"]) == 1
+    assert "--wavelength has 3 values for 2 channel(s)" in capsys.readouterr().err
+    assert main([*argv[:1], str(plain), *argv[2:]]) == 0
+    line = [line for line in capsys.readouterr().out.splitlines() if " -> " in line][0]
+    assert line.endswith("; PSF model widefield 15x33x33 at 0.2x0.1x0.1 um; emission 0.52 um (default)")
+    restored = io.imread(out / "plain_decon.tif")[0]
+    for c in range(2):
+        np.testing.assert_allclose(restored[c], rl(image[c], model(0.52)), rtol=1e-5, atol=1e-5)
+
+
+def test_help_describes_the_new_flags(tmp_path, capsys):
+    assert main(["deconvolve", "--help"]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    for text in (
+        "--tile-shape N",
+        "0 or -1 keeps an axis whole",
+        "--memory-limit SIZE",
+        "512MB or 4GB",
+        "--dry-run",
+        "without computing or writing anything",
+        "one file per channel in channel order",
+        "one per channel in channel order",
+    ):
+        assert text in printed, text
+    assert main(["info", "--help"]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "the tile plan deconvolve would use" in printed and "--psf-shape N" in printed
+    # the psf command writes one PSF: one wavelength
+    argv = ["psf", "-o", str(tmp_path / "p.tif"), "--shape", "3", "3", "3", "--spacing", "0.1", "0.1", "0.1"]
+    assert main([*argv, "--wavelength", "0.5", "0.6"]) == 2
+    assert "--wavelength takes one value for the psf command" in capsys.readouterr().err
+    assert files_in(tmp_path) == []
