@@ -32,7 +32,7 @@ import contextvars
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-__all__ = ["TileModel", "applying", "in_force", "recording", "shared", "shared_step"]
+__all__ = ["TileModel", "applying", "in_force", "recording", "setting", "shared", "shared_step"]
 
 T = TypeVar("T")
 
@@ -82,6 +82,14 @@ def applying(model: TileModel) -> Iterator[TileModel]:
 def in_force() -> bool:
     """Whether a model is being recorded or applied (the caller is a tile, or its pilot)."""
     return _ACTIVE.get() is not None
+
+
+def setting(name: str, default: Any = None) -> Any:
+    """A value the tiler put in the model for every tile (not measured: never recorded)."""
+    state = _ACTIVE.get()
+    if state is None:
+        return default
+    return state[1].values.get(name, default)
 
 
 def shared(name: str, measure: Callable[[], T]) -> T:

@@ -31,7 +31,7 @@ import numpy as np
 
 from . import _validate
 from ._backend import Backend, get_backend, return_like
-from ._tile_model import shared
+from ._tile_model import setting, shared
 
 Boundary = Literal["non-circulant", "periodic", "reflect"]
 
@@ -221,9 +221,14 @@ class Convolution:
             # The blur reaches (p - 1 - p // 2) pixels to one side and p // 2 to the other: an FFT
             # grid of n + p - 1 holds the image and all the object that can reach it, without wrap.
             last = len(self.image_shape) - 1
+            # Tiles of one volume share one grid, that of the largest: one FFT plan for all
+            # (FFTW measures each new shape, which costs seconds), the same numbers at the edges.
+            sizes = setting("tile.largest_shape") or self.image_shape
+            if len(sizes) != ndim:
+                sizes = self.image_shape
             fft_shape = tuple(
-                self.backend.next_fast_len(n + margin * (p - 1), even=axis == last)
-                for axis, (n, p) in enumerate(zip(self.image_shape, self.psf_shape))
+                self.backend.next_fast_len(max(n, s) + margin * (p - 1), even=axis == last)
+                for axis, (n, s, p) in enumerate(zip(self.image_shape, sizes, self.psf_shape))
             )
             left = tuple(p - 1 - p // 2 for p in self.psf_shape)
         self.fft_shape = fft_shape

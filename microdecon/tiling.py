@@ -331,16 +331,19 @@ def plan(
     # y and x first (the last two axes), then the leading ones; always the one with the
     # largest tile, so that tiles stay close to square in the plane
     order = list(range(ndim))[-2:] + list(range(ndim))[:-2]
+
+    def splittable(axis: int) -> bool:  # one more tile on ``axis`` keeps cores >= overlap
+        return grid[axis] < shape[axis] and shape[axis] // (grid[axis] + 1) >= max(margin[axis], 1)
+
     while cost(make(tuple(grid), budget).tile_shape, tuple(grid)) > budget:
-        candidates = [a for a in order[:2] if grid[a] < shape[a] and shape[a] / grid[a] > margin[a]]
+        candidates = [a for a in order[:2] if splittable(a)] or [a for a in order[2:] if splittable(a)]
         if not candidates:
-            candidates = [a for a in order if grid[a] < shape[a]]
-        if not candidates:
-            smallest = tuple(min(n, max(m, 1)) for n, m in zip(shape, margin))
+            smallest = make(tuple(grid), budget)
             raise ValueError(
-                f"memory_limit of {_human(budget)} is too small for {method}: the smallest useful tile "
-                f"({' x '.join(map(str, smallest))} with its overlap) needs "
-                f"{_human(cost(smallest, tuple(shape)))}; give at least that, or a smaller PSF"
+                f"memory_limit of {_human(budget)} is too small for {method}: the smallest tiles that "
+                f"are no smaller than their overlap ({' x '.join(map(str, smallest.tile_shape))} + "
+                f"{' x '.join(map(str, smallest.overlap))}) need {_human(smallest.bytes_per_tile)} each; "
+                f"give at least that, or fewer iterations or a smaller PSF (less overlap)"
             )
         axis = max(candidates, key=lambda a: shape[a] / grid[a])
         grid[axis] += 1
@@ -504,7 +507,9 @@ def _deconvolve_volume(image, psf, method, params, *, tile_shape, memory_limit, 
     volume = volume.rechunk(tile_plan.chunks)
     model = None
     if tile_plan.tiles > 1:
-        model = _measure_model(volume, psf, function, tile_plan, params, device)
+        model = _measure_model(
+            volume, psf, function, tile_plan, params, device, _largest_piece(tile_plan, boundary)
+        )
     host_psf = psf if not hasattr(psf, "get") else psf.get()
     restored = volume.map_overlap(
         _restore_tile,
@@ -532,7 +537,24 @@ def _restore_tile(block, *, function, psf, model, device, params):
         return function(block, psf, device=device, **params)
 
 
-def _measure_model(volume, psf, function, tile_plan: TilePlan, params: dict, device: str) -> TileModel:
+def _largest_piece(tile_plan: TilePlan, boundary: str) -> tuple[int, ...]:
+    """The largest tile with its overlap: every tile computes on the FFT grid this one needs."""
+    pieces = []
+    for chunks, margin in zip(tile_plan.chunks, tile_plan.overlap):
+        last = len(chunks) - 1
+        wrap = boundary == "periodic"  # periodic tiles get overlap at the volume's border too
+        pieces.append(
+            max(
+                c + (margin if i > 0 or wrap else 0) + (margin if i < last or wrap else 0)
+                for i, c in enumerate(chunks)
+            )
+        )
+    return tuple(pieces)
+
+
+def _measure_model(
+    volume, psf, function, tile_plan: TilePlan, params: dict, device: str, largest: tuple[int, ...] = ()
+) -> TileModel:
     """Restore the central tile (with its overlap) while recording what the method measures."""
     import dask.array as da
 
@@ -544,6 +566,6 @@ def _measure_model(volume, psf, function, tile_plan: TilePlan, params: dict, dev
         boundary={a: _PADDING[boundary] for a in range(volume.ndim)},
     )
     region = np.asarray(padded.blocks[index].compute(scheduler="synchronous"))
-    with recording() as model:
+    with recording(TileModel({"tile.largest_shape": largest} if largest else {})) as model:
         function(region, psf, device=device, **params)
     return model

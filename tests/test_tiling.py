@@ -38,7 +38,8 @@ def _whole_under_the_tiles_model(image, psf, method, tile_plan, params):
     """The whole volume restored under the model the tiler measures (on its central tile)."""
     function = METHODS[method]
     volume = da.from_array(image, chunks=tile_plan.chunks)
-    model = tiling._measure_model(volume, psf, function, tile_plan, params, "cpu")
+    largest = tiling._largest_piece(tile_plan, params.get("boundary", "non-circulant"))
+    model = tiling._measure_model(volume, psf, function, tile_plan, params, "cpu", largest)
     with applying(model):
         return function(image, psf, device="cpu", **params)
 
