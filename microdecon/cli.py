@@ -938,9 +938,9 @@ def _deconvolve(args: argparse.Namespace) -> int:
                 import dask
 
                 with dask.config.set(scheduler="synchronous"):  # one tile at a time: bounded memory
-                    io.imwrite(target, restored, meta)
+                    io.imwrite(target, restored, meta, dtype=args.dtype)
             else:
-                io.imwrite(target, restored, meta)
+                io.imwrite(target, restored, meta, dtype=args.dtype)
             written += 1
             seconds = time.perf_counter() - start
             axes = f" {image.axes}" if image.axes != "ZYX"[-len(image.spatial) :] else ""
@@ -1189,6 +1189,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="search folders' subfolders too (outputs keep the subfolders); ** in patterns spans folders",
     )
     run.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    run.add_argument(
+        "--dtype",
+        choices=["float32", "uint16"],
+        default="float32",
+        help="output type: float32 (default), or uint16 scaled to the full range with the scale "
+        "and offset recorded in the file (half the size)",
+    )
     run.add_argument(
         "--dry-run",
         action="store_true",

@@ -1024,3 +1024,18 @@ def test_help_describes_the_new_flags(tmp_path, capsys):
     assert main([*argv, "--wavelength", "0.5", "0.6"]) == 2
     assert "--wavelength takes one value for the psf command" in capsys.readouterr().err
     assert files_in(tmp_path) == []
+
+
+def test_uint16_output_records_its_scale(tmp_path):
+    image = (np.random.default_rng(0).poisson(50, (8, 32, 32))).astype(np.uint16)
+    io.imwrite(tmp_path / "a.tif", image, {"spacing": (0.3, 0.1, 0.1)})
+    psf = md.psf.gaussian((5, 7, 7), 1.0)
+    io.imwrite(tmp_path / "psf.tif", psf, {"spacing": (0.3, 0.1, 0.1)})
+    args = [str(tmp_path / "a.tif"), "--psf", str(tmp_path / "psf.tif"), "--num-iter", "5", "-q"]
+    assert main(["deconvolve", *args, "-o", str(tmp_path / "f"), "--device", "cpu"]) == 0
+    assert main(["deconvolve", *args, "-o", str(tmp_path / "u"), "--device", "cpu", "--dtype", "uint16"]) == 0
+    floats, _ = io.imread(tmp_path / "f" / "a_decon.tif")
+    stored, meta = io.imread(tmp_path / "u" / "a_decon.tif")
+    assert stored.dtype == np.uint16 and meta["scale"] > 0
+    recovered = stored * meta["scale"] + meta["offset"]
+    assert np.abs(recovered - floats).max() <= meta["scale"] / 2 + 1e-6 * floats.max()
