@@ -11,9 +11,14 @@ Each tile is restored with a margin (the *overlap*) of the volume around it, and
 trimmed from its result. Trimming was chosen over blending: a blend averages two restorations
 that are both disturbed near their own edges, so with the same overlap it is never more exact
 than taking the one whose edge is farther away, and it costs more. At the volume's own border a
-tile is restored with the method's boundary mode, exactly as the whole volume is: Dask pads
-nothing for ``"non-circulant"`` and wraps or mirrors the volume for ``"periodic"`` and
-``"reflect"``. Axes that are not split (z, usually) need no overlap at all.
+tile is restored with the method's boundary mode, exactly as the whole volume is: nothing is
+added past the border for ``"non-circulant"`` and ``"reflect"`` (the tile mirrors at its edge
+just as the whole does), and the volume's far side for ``"periodic"``. Axes that are not split
+(z, usually) need no overlap at all.
+
+Each tile's task reads its own region, overlap included, so tiles share no input that would
+have to be held until all their neighbours are done: memory is bounded by the tiles in flight,
+whatever the width of the stack.
 
 What a method measures on its input (RL's scale and extrapolation weights, an automatic Wiener
 balance, blind RL's PSF, ...) is measured once, on the central tile, and applied to every tile
@@ -62,10 +67,6 @@ _ONE_PASS_REACH = {"wiener": 3.0, "tikhonov": 3.0, "unsupervised-wiener": 3.0, "
 _ITERATIVE_MIN_REACH = 3.0
 _MAX_REACH = 8.0
 
-# What Dask puts past the volume's own border: nothing where the tile's boundary mode already
-# continues the volume as the whole run does ("non-circulant", and "reflect", which mirrors at
-# the tile's edge just as at the volume's); the far side's data for "periodic".
-_PADDING = {"non-circulant": "none", "periodic": "periodic", "reflect": "none"}
 #: Periodic tiles wrap their own artificial edges around, a jump that reaches further.
 _PERIODIC_OVERLAP = 1.5
 
@@ -498,43 +499,95 @@ def _deconvolve_volume(image, psf, method, params, *, tile_shape, memory_limit, 
                 f"{name} needs the whole volume at every iteration and cannot be used when it is cut "
                 f"into {tile_plan.tiles} tiles; give a larger memory_limit or tile_shape=None"
             )
-    import dask.array as da
-
     from ._backend import return_freed_memory
 
     return_freed_memory()
-    volume = image if is_dask else da.from_array(image, chunks=tile_plan.chunks)
-    volume = volume.rechunk(tile_plan.chunks)
-    model = None
-    if tile_plan.tiles > 1:
-        model = _measure_model(
-            volume, psf, function, tile_plan, params, device, _largest_piece(tile_plan, boundary)
-        )
-    host_psf = psf if not hasattr(psf, "get") else psf.get()
-    restored = volume.map_overlap(
-        _restore_tile,
-        depth=dict(enumerate(tile_plan.overlap)),
-        boundary=_PADDING[boundary],
-        trim=True,
-        dtype=np.float32,
-        meta=volume._meta.astype(np.float32),
-        function=function,
-        psf=host_psf,
-        model=model,
-        device=device,
-        params=params,
-    )
+    source = _padded_source(image, tile_plan, boundary)
+    model = _measure_model(image, psf, function, tile_plan, params, device) if tile_plan.tiles > 1 else None
+    restored = _tile_graph(source, psf, function, tile_plan, model, device, params, boundary)
     if is_dask:
         return restored
     return restored.compute(scheduler="synchronous")
 
 
-def _restore_tile(block, *, function, psf, model, device, params):
-    """One tile, under the shared model when there is one."""
+class _Region:
+    """A tile's input with its overlap: a NumPy/CuPy view or a small lazy Dask array.
+
+    Not a Dask collection on purpose: Dask leaves it alone when it builds the graph, so each
+    tile reads its own region inside its own task, and no input is shared between tiles and
+    held until all its neighbours are done (which, tile row after tile row across a wide
+    stack, held rows of the whole input in memory).
+    """
+
+    __slots__ = ("part",)
+
+    def __init__(self, part: Any):
+        self.part = part
+
+    def load(self):
+        if _is_dask(self.part):
+            return self.part.compute(scheduler="synchronous")
+        return self.part
+
+
+def _padded_source(image: Any, tile_plan: TilePlan, boundary: str):
+    """The volume tiles read from: the image itself, or for "periodic" the image wrapped
+    around by the overlap (lazily: only what each tile reads is made)."""
+    if boundary != "periodic" or not any(tile_plan.overlap):
+        return image
+    import dask.array as da
+
+    lazy = image if _is_dask(image) else da.from_array(image, chunks=tile_plan.chunks)
+    return da.pad(lazy, [(m, m) for m in tile_plan.overlap], mode="wrap")
+
+
+def _regions(tile_plan: TilePlan, boundary: str):
+    """Per tile: its index, the region it reads (in the source's coordinates) and, within that
+    region, the slices of its core."""
+    wrap = boundary == "periodic"
+    starts = [np.cumsum((0,) + chunks[:-1]) for chunks in tile_plan.chunks]
+    for index in np.ndindex(*tile_plan.grid):
+        read, core = [], []
+        for axis, i in enumerate(index):
+            start, size = int(starts[axis][i]), tile_plan.chunks[axis][i]
+            margin, n = tile_plan.overlap[axis], tile_plan.shape[axis]
+            if wrap:  # the source is padded by the margin on both sides
+                low, high = start, start + size + 2 * margin
+            else:
+                low, high = max(start - margin, 0), min(start + size + margin, n)
+            read.append(slice(low, high))
+            offset = start + (margin if wrap else 0) - low
+            core.append(slice(offset, offset + size))
+        yield index, tuple(read), tuple(core)
+
+
+def _tile_graph(source, psf, function, tile_plan: TilePlan, model, device, params, boundary):
+    """A lazy Dask array of the restored volume: one task per tile, assembled by ``da.block``."""
+    import dask
+    import dask.array as da
+
+    host_psf = psf if not hasattr(psf, "get") else psf.get()
+    meta = source._meta.astype(np.float32) if _is_dask(source) else np.empty((0,) * source.ndim, np.float32)
+    if not _is_dask(source) and hasattr(source, "get"):  # CuPy: keep the blocks on the device
+        meta = source[(slice(0, 0),) * source.ndim].astype(np.float32)
+    blocks = np.empty(tile_plan.grid, dtype=object)
+    restore = dask.delayed(_restore_region, pure=False)
+    for index, read, core in _regions(tile_plan, boundary):
+        task = restore(_Region(source[read]), core, function, host_psf, model, device, params)
+        shape = tuple(c.stop - c.start for c in core)
+        blocks[index] = da.from_delayed(task, shape=shape, dtype=np.float32, meta=meta)
+    return da.block(blocks.tolist())
+
+
+def _restore_region(region: _Region, core, function, psf, model, device, params):
+    """One tile: read its region, restore it (under the shared model), keep its core."""
+    data = region.load()
     if model is None:
-        return function(block, psf, device=device, **params)
-    with applying(model):
-        return function(block, psf, device=device, **params)
+        result = function(data, psf, device=device, **params)
+    else:
+        with applying(model):
+            result = function(data, psf, device=device, **params)
+    return result[core]
 
 
 def _largest_piece(tile_plan: TilePlan, boundary: str) -> tuple[int, ...]:
@@ -552,20 +605,14 @@ def _largest_piece(tile_plan: TilePlan, boundary: str) -> tuple[int, ...]:
     return tuple(pieces)
 
 
-def _measure_model(
-    volume, psf, function, tile_plan: TilePlan, params: dict, device: str, largest: tuple[int, ...] = ()
-) -> TileModel:
+def _measure_model(image, psf, function, tile_plan: TilePlan, params: dict, device: str) -> TileModel:
     """Restore the central tile (with its overlap) while recording what the method measures."""
-    import dask.array as da
-
     boundary = params.get("boundary", "non-circulant")
-    index = tuple(k // 2 for k in tile_plan.grid)
-    padded = da.overlap.overlap(
-        volume,
-        depth=dict(enumerate(tile_plan.overlap)),
-        boundary={a: _PADDING[boundary] for a in range(volume.ndim)},
-    )
-    region = np.asarray(padded.blocks[index].compute(scheduler="synchronous"))
-    with recording(TileModel({"tile.largest_shape": largest} if largest else {})) as model:
+    source = _padded_source(image, tile_plan, boundary)
+    central = tuple(k // 2 for k in tile_plan.grid)
+    read = next(read for index, read, _ in _regions(tile_plan, boundary) if index == central)
+    region = _Region(source[read]).load()
+    largest = _largest_piece(tile_plan, boundary)
+    with recording(TileModel({"tile.largest_shape": largest})) as model:
         function(region, psf, device=device, **params)
     return model

@@ -37,9 +37,7 @@ def _data(shape, psf_shape, seed=0):
 def _whole_under_the_tiles_model(image, psf, method, tile_plan, params):
     """The whole volume restored under the model the tiler measures (on its central tile)."""
     function = METHODS[method]
-    volume = da.from_array(image, chunks=tile_plan.chunks)
-    largest = tiling._largest_piece(tile_plan, params.get("boundary", "non-circulant"))
-    model = tiling._measure_model(volume, psf, function, tile_plan, params, "cpu", largest)
+    model = tiling._measure_model(image, psf, function, tile_plan, params, "cpu")
     with applying(model):
         return function(image, psf, device="cpu", **params)
 
