@@ -98,7 +98,7 @@ class TilePlan:
     @property
     def chunks(self) -> tuple[tuple[int, ...], ...]:
         """Dask chunks of the tile cores."""
-        return tuple(_even_chunks(n, k) for n, k in zip(self.shape, self.grid))
+        return tuple(_regular_chunks(n, t) for n, t in zip(self.shape, self.tile_shape))
 
     def __str__(self) -> str:
         size = " x ".join(map(str, self.shape))
@@ -122,10 +122,15 @@ def _human(n: int | None) -> str:
     return str(n)  # pragma: no cover
 
 
-def _even_chunks(n: int, count: int) -> tuple[int, ...]:
-    """``count`` chunks of ``n`` whose sizes differ by at most one."""
-    base, extra = divmod(n, count)
-    return tuple(base + 1 if i < extra else base for i in range(count))
+def _regular_chunks(n: int, size: int) -> tuple[int, ...]:
+    """Chunks of ``size`` covering ``n``, the last one smaller if it must be.
+
+    Regular chunks, as Zarr stores them: a result written to a Zarr store then goes chunk for
+    tile, with no store chunk shared between two tiles (irregular ones made the writer fall back
+    to whole-plane chunks, each rewritten by every tile across it: slow, and memory-hungry).
+    """
+    full, rest = divmod(n, size)
+    return (size,) * full + ((rest,) if rest else ())
 
 
 def overlap_for(psf_shape: Sequence[int], method: str = "rl", num_iter: int | None = None) -> tuple[int, ...]:
@@ -303,7 +308,8 @@ def plan(
         return working_set_bytes(piece, psf_shape, method, boundary=boundary, input_itemsize=input_itemsize)
 
     def make(grid: tuple[int, ...], limit: int | None) -> TilePlan:
-        core = tuple(max(_even_chunks(n, k)) for n, k in zip(shape, grid))
+        core = tuple(-(-n // k) for n, k in zip(shape, grid))  # ceil(n / k)
+        grid = tuple(-(-n // c) for n, c in zip(shape, core))  # as many as that size needs
         used = tuple(0 if k == 1 else m for k, m in zip(grid, margin))
         return TilePlan(shape, core, used, grid, cost(core, grid), limit, method)
 
