@@ -162,25 +162,27 @@ def blind_richardson_lucy(
     representative region, and every tile is restored with it by :func:`richardson_lucy`
     (``num_iter * image_iter`` iterations), so that all tiles use the same model.
     """
-    if in_force():
-        estimated = shared(
-            "blind.psf",
-            lambda: (
-                estimate_psf_blind(
-                    image,
-                    psf,
-                    num_iter,
-                    image_iter=image_iter,
-                    psf_iter=psf_iter,
-                    psf_mask=psf_mask,
-                    psf_smoothing=psf_smoothing,
-                    accelerate=accelerate,
-                    boundary=boundary,
-                    background=background,
-                    device=device,
-                ).psf
-            ),
+
+    def estimate(tol=tol, callback=callback, progress=progress):
+        return estimate_psf_blind(
+            image,
+            psf,
+            num_iter,
+            image_iter=image_iter,
+            psf_iter=psf_iter,
+            psf_mask=psf_mask,
+            psf_smoothing=psf_smoothing,
+            accelerate=accelerate,
+            boundary=boundary,
+            background=background,
+            tol=tol,
+            callback=callback,
+            device=device,
+            progress=progress,
         )
+
+    if in_force():
+        estimated = shared("blind.psf", lambda: estimate(None, None, False).psf)
         return richardson_lucy(
             image,
             estimated,
@@ -193,22 +195,7 @@ def blind_richardson_lucy(
             device=device,
             progress=progress,
         )
-    return estimate_psf_blind(
-        image,
-        psf,
-        num_iter,
-        image_iter=image_iter,
-        psf_iter=psf_iter,
-        psf_mask=psf_mask,
-        psf_smoothing=psf_smoothing,
-        accelerate=accelerate,
-        boundary=boundary,
-        background=background,
-        tol=tol,
-        callback=callback,
-        device=device,
-        progress=progress,
-    ).image
+    return estimate().image
 
 
 def estimate_psf_blind(
