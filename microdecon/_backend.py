@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Backend", "get_backend", "gpu_available", "is_device_array"]
+__all__ = ["Backend", "get_backend", "gpu_available", "is_device_array", "is_out_of_memory"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -51,6 +51,21 @@ def gpu_available() -> bool:
     True
     """
     return _cupy() is not None
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` says a device ran out of memory: CuPy's OutOfMemoryError, cuFFT failing
+    to allocate its work area, or the CPU's MemoryError.
+
+    Examples
+    --------
+    >>> is_out_of_memory(MemoryError()), is_out_of_memory(ValueError("no"))
+    (True, False)
+    """
+    if isinstance(error, MemoryError):
+        return True
+    name = type(error).__name__
+    return name == "OutOfMemoryError" or (name == "CuFFTError" and "ALLOC_FAILED" in str(error))
 
 
 def is_device_array(array: Any) -> bool:

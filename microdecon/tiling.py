@@ -477,25 +477,79 @@ def _is_dask(array: Any) -> bool:
     return type(array).__module__.split(".")[0] == "dask"
 
 
+#: Times a volume that ran out of memory is planned again with tiles half the size, before the
+#: GPU is given up for the CPU.
+OUT_OF_MEMORY_RETRIES = 3
+
+
 def _deconvolve_volume(image, psf, method, params, *, tile_shape, memory_limit, overlap, device):
-    """One volume (no frame axes): whole, or tiled through a Dask graph."""
+    """One volume (no frame axes): whole, or tiled through a Dask graph.
+
+    Out of memory on an in-memory volume (a GPU's, usually), it plans again with tiles half the
+    size, up to :data:`OUT_OF_MEMORY_RETRIES` times, then restores on the CPU; each step warns.
+    A lazy (Dask) volume's tiles fall back to the CPU one by one (see :func:`_restore_region`).
+    """
+    import warnings
+
+    from ._backend import is_out_of_memory
     from .restore import METHODS
 
     function = METHODS[method]
     psf = _validate.check_psf(psf, image.ndim)
     boundary = params.get("boundary", "non-circulant")
-    tile_plan = plan(
-        image.shape,
-        psf.shape,
-        method,
-        tile_shape=tile_shape,
-        memory_limit=memory_limit,
-        overlap=overlap,
-        boundary=boundary,
-        num_iter=params.get("num_iter"),
-        device=device,
-        input_itemsize=np.dtype(image.dtype).itemsize,
-    )
+
+    def make_plan(tiles, limit):
+        return plan(
+            image.shape,
+            psf.shape,
+            method,
+            tile_shape=tiles,
+            memory_limit=limit,
+            overlap=overlap,
+            boundary=boundary,
+            num_iter=params.get("num_iter"),
+            device=device,
+            input_itemsize=np.dtype(image.dtype).itemsize,
+        )
+
+    tile_plan = make_plan(tile_shape, memory_limit)
+    if _is_dask(image):
+        return _run_plan(image, psf, function, tile_plan, params, device, boundary)
+    for attempt in range(OUT_OF_MEMORY_RETRIES + 1):
+        try:
+            return _run_plan(image, psf, function, tile_plan, params, device, boundary)
+        except Exception as error:
+            if not is_out_of_memory(error):
+                raise
+            smaller = tile_plan.bytes_per_tile // 2
+            try:
+                retry = make_plan("auto", smaller) if attempt < OUT_OF_MEMORY_RETRIES else None
+            except ValueError:  # no tile that small exists
+                retry = None
+            if retry is None:
+                if device == "cpu":
+                    raise
+                warnings.warn(
+                    f"out of memory on {device} ({type(error).__name__}); restoring on the CPU instead",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                device = "cpu"
+                tile_plan = make_plan(tile_shape, memory_limit)
+                continue
+            warnings.warn(
+                f"out of memory on {device} with {tile_plan.tiles} tile(s) of "
+                f"{_human(tile_plan.bytes_per_tile)}; retrying with {retry.tiles} tiles of "
+                f"{_human(retry.bytes_per_tile)}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            tile_plan = retry
+    return _run_plan(image, psf, function, tile_plan, params, "cpu", boundary)
+
+
+def _run_plan(image, psf, function, tile_plan: TilePlan, params, device, boundary):
+    """Restore ``image`` as ``tile_plan`` says: whole, or through the tile graph."""
     is_dask = _is_dask(image)
     if tile_plan.tiles == 1 and not is_dask:
         return function(image, psf, device=device, **params)
@@ -508,9 +562,14 @@ def _deconvolve_volume(image, psf, method, params, *, tile_shape, memory_limit, 
     from ._backend import return_freed_memory
 
     return_freed_memory()
+    # A lazy volume's tiles fall back to the CPU one by one; an in-memory one is planned again
+    # with smaller tiles by the caller first.
+    fallback = is_dask
     source = _padded_source(image, tile_plan, boundary)
-    model = _measure_model(image, psf, function, tile_plan, params, device) if tile_plan.tiles > 1 else None
-    restored = _tile_graph(source, psf, function, tile_plan, model, device, params, boundary)
+    model = None
+    if tile_plan.tiles > 1:
+        model = _measure_model(image, psf, function, tile_plan, params, device, fallback)
+    restored = _tile_graph(source, psf, function, tile_plan, model, device, params, boundary, fallback)
     if is_dask:
         return restored
     return restored.compute(scheduler="synchronous")
@@ -567,7 +626,7 @@ def _regions(tile_plan: TilePlan, boundary: str):
         yield index, tuple(read), tuple(core)
 
 
-def _tile_graph(source, psf, function, tile_plan: TilePlan, model, device, params, boundary):
+def _tile_graph(source, psf, function, tile_plan: TilePlan, model, device, params, boundary, fallback):
     """A lazy Dask array of the restored volume: one task per tile, assembled by ``da.block``."""
     import dask
     import dask.array as da
@@ -579,21 +638,44 @@ def _tile_graph(source, psf, function, tile_plan: TilePlan, model, device, param
     blocks = np.empty(tile_plan.grid, dtype=object)
     restore = dask.delayed(_restore_region, pure=False)
     for index, read, core in _regions(tile_plan, boundary):
-        task = restore(_Region(source[read]), core, function, host_psf, model, device, params)
+        task = restore(_Region(source[read]), core, function, host_psf, model, device, params, fallback)
         shape = tuple(c.stop - c.start for c in core)
         blocks[index] = da.from_delayed(task, shape=shape, dtype=np.float32, meta=meta)
     return da.block(blocks.tolist())
 
 
-def _restore_region(region: _Region, core, function, psf, model, device, params):
-    """One tile: read its region, restore it (under the shared model), keep its core."""
+def _restore_region(region: _Region, core, function, psf, model, device, params, fallback=True):
+    """One tile: read its region, restore it (under the shared model), keep its core.
+
+    A tile that runs out of a GPU's memory is restored on the CPU instead, with a warning: the
+    same model, so the same result to float32 rounding.
+    """
+    import contextlib
+
     data = region.load()
-    if model is None:
-        result = function(data, psf, device=device, **params)
-    else:
-        with applying(model):
-            result = function(data, psf, device=device, **params)
+    with applying(model) if model is not None else contextlib.nullcontext():
+        result = _on_device_or_cpu(function, data, psf, device, params, fallback)
     return result[core]
+
+
+def _on_device_or_cpu(function, data, psf, device, params, fallback=True):
+    """``function`` on ``device``; on the CPU, with a warning, if the device runs out of memory
+    (and ``fallback``)."""
+    import warnings
+
+    from ._backend import is_out_of_memory
+
+    try:
+        return function(data, psf, device=device, **params)
+    except Exception as error:
+        if not fallback or device == "cpu" or not is_out_of_memory(error):
+            raise
+        warnings.warn(
+            f"a tile ran out of memory on {device} ({type(error).__name__}); restoring it on the CPU",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return function(data, psf, device="cpu", **params)
 
 
 def _largest_piece(tile_plan: TilePlan, boundary: str) -> tuple[int, ...]:
@@ -611,7 +693,9 @@ def _largest_piece(tile_plan: TilePlan, boundary: str) -> tuple[int, ...]:
     return tuple(pieces)
 
 
-def _measure_model(image, psf, function, tile_plan: TilePlan, params: dict, device: str) -> TileModel:
+def _measure_model(
+    image, psf, function, tile_plan: TilePlan, params: dict, device: str, fallback: bool = False
+) -> TileModel:
     """Restore the central tile (with its overlap) while recording what the method measures."""
     boundary = params.get("boundary", "non-circulant")
     source = _padded_source(image, tile_plan, boundary)
@@ -620,5 +704,5 @@ def _measure_model(image, psf, function, tile_plan: TilePlan, params: dict, devi
     region = _Region(source[read]).load()
     largest = _largest_piece(tile_plan, boundary)
     with recording(TileModel({"tile.largest_shape": largest})) as model:
-        function(region, psf, device=device, **params)
+        _on_device_or_cpu(function, region, psf, device, params, fallback)
     return model

@@ -244,3 +244,62 @@ def test_local_cluster_matches_local_scheduler():
             remote = client.compute(lazy).result()
     # the same tiles, the same model; only the FFT library's thread count differs in the workers
     np.testing.assert_allclose(remote, local, rtol=0, atol=1e-5 * local.max())
+
+
+class OutOfMemoryError(Exception):
+    """Named like CuPy's: what the tiler recognizes as a device out of memory."""
+
+
+def test_out_of_memory_retries_with_smaller_tiles(monkeypatch):
+    image, psf = _data((8, 96, 96), (5, 9, 9), seed=6)
+    real = METHODS["rl"]
+    sizes = []
+
+    def small_device(block, psf, **params):  # a "GPU" that holds 40 000 voxels at most
+        sizes.append(block.size)
+        if params["device"] != "cpu" and block.size > 40_000:
+            raise OutOfMemoryError("out of memory allocating 1234 bytes")
+        return real(block, psf, **{**params, "device": "cpu"})
+
+    monkeypatch.setitem(METHODS, "rl", small_device)
+    with pytest.warns(RuntimeWarning, match="retrying with .* tiles"):
+        out = md.deconvolve(image, psf, "rl", num_iter=5, device="gpu", memory_limit="1GB")
+    # whole first; then, after the failures, every tile fits the "GPU"
+    assert sizes[0] == image.size
+    settled = sizes[sizes.index(max(s for s in sizes if s <= 40_000)) :]
+    assert max(settled) <= 40_000 and len(settled) >= 4
+    assert out.shape == image.shape and out.dtype == np.float32 and np.isfinite(out).all()
+
+
+def test_out_of_memory_falls_back_to_the_cpu_with_the_same_result(monkeypatch):
+    image, psf = _data((8, 64, 64), (5, 9, 9), seed=7)
+    real = METHODS["rl"]
+
+    def no_gpu_memory(block, psf, **params):
+        if params["device"] != "cpu":
+            raise OutOfMemoryError("out of memory")
+        return real(block, psf, **params)
+
+    monkeypatch.setitem(METHODS, "rl", no_gpu_memory)
+    with pytest.warns(RuntimeWarning, match="restoring on the CPU instead"):
+        out = md.deconvolve(image, psf, "rl", num_iter=5, device="gpu", memory_limit="1GB")
+    np.testing.assert_array_equal(out, real(image, psf, 5, device="cpu"))
+    # lazy input: each tile falls back on its own, under the shared model
+    with pytest.warns(RuntimeWarning, match="a tile ran out of memory"):
+        lazy = md.deconvolve(
+            da.from_array(image), psf, "rl", num_iter=5, device="gpu", tile_shape=(None, 32, 32)
+        ).compute()
+    monkeypatch.setitem(METHODS, "rl", real)
+    on_cpu = md.deconvolve(image, psf, "rl", num_iter=5, device="cpu", tile_shape=(None, 32, 32))
+    np.testing.assert_allclose(lazy, on_cpu, rtol=0, atol=1e-6 * on_cpu.max())
+
+
+def test_errors_other_than_memory_are_not_retried(monkeypatch):
+    image, psf = _data((8, 32, 32), (5, 9, 9))
+
+    def broken(block, psf, **params):
+        raise RuntimeError("something else")
+
+    monkeypatch.setitem(METHODS, "rl", broken)
+    with pytest.raises(RuntimeError, match="something else"):
+        md.deconvolve(image, psf, "rl", num_iter=5, device="cpu")
