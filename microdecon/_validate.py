@@ -48,8 +48,8 @@ def check_array(array: Any, name: str) -> Any:
         raise TypeError(f"{name} must be an array of numbers, got None")
     if type(array).__module__.split(".")[0] == "dask":
         raise TypeError(
-            f"{name} is a Dask array; tiled, lazy processing is not available yet: "
-            f"pass {name}.compute() (a NumPy or CuPy array)"
+            f"{name} is a Dask array: md.deconvolve(image, psf, method) restores it lazily, tile by "
+            f"tile; the single-volume functions need {name}.compute() (a NumPy or CuPy array)"
         )
     dtype = _dtype_of(array, name)
     if dtype.kind == "b":
