@@ -127,9 +127,7 @@ def run_tiled(source: str, target: str, budget_mb: float, num_iter: int) -> dict
     image, meta = md.io.imread(source, lazy=True)
     # what the process already holds is not the tiles' to use
     limit = int((budget_mb - before - 40) * 1e6)  # 40 MB for Dask's bookkeeping and the writer
-    plan = md.tiling.plan(
-        image.shape, psf.shape, "rl", num_iter=num_iter, memory_limit=limit, input_itemsize=2
-    )
+    plan = md.tiling.plan(image.shape, psf, "rl", num_iter=num_iter, memory_limit=limit, input_itemsize=2)
     _warm_fft_plans(plan, psf)
     start = time.perf_counter()
     with dask.config.set(scheduler="synchronous"):

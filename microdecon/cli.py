@@ -749,11 +749,13 @@ def _tile_plans(image: _Image, psfs: _ImagePsfs, args: argparse.Namespace, param
     from . import tiling
 
     plans: dict = {}
-    for shape in psfs.shapes:
+    arrays = psfs.arrays if psfs.arrays is not None else [None] * len(psfs.shapes)
+    for shape, array in zip(psfs.shapes, arrays):
         if shape not in plans:
+            # the PSF itself when it is at hand: a compact one gets a narrower overlap
             plans[shape] = tiling.plan(
                 image.spatial,
-                shape,
+                array if array is not None else shape,
                 args.method,
                 tile_shape=_tile_shape(args, len(image.spatial)),
                 memory_limit=args.memory_limit,

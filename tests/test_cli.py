@@ -730,7 +730,8 @@ def test_info_describes_each_file_and_its_tile_plan(tmp_path, psf_file, capsys):
         "  channels: 2: 'GFP' emission 0.52 um, 'RFP' emission 0.61 um",
         f"  file size: {size / 1000:.1f} KB ({size} bytes)",
     ]
-    expected = md.tiling.plan((8, 64, 64), (7, 9, 9), "rl", memory_limit="2MB", num_iter=2, input_itemsize=2)
+    psf_array = io.imread(psf_file)[0]  # the plan is made from the PSF itself
+    expected = md.tiling.plan((8, 64, 64), psf_array, "rl", memory_limit="2MB", num_iter=2, input_itemsize=2)
     assert expected.tiles == 9
     assert f"  tile plan (rl): {expected} (each of 2 volumes)" in lines
     assert f"  PSF: {psf_file}: 7x9x9, not resampled" in lines
@@ -740,7 +741,7 @@ def test_info_describes_each_file_and_its_tile_plan(tmp_path, psf_file, capsys):
     # --tile-shape as in deconvolve
     assert main([*argv[:2], "--psf", str(psf_file), "--tile-shape", "0", "-1", "32", "--num-iter", "2"]) == 0
     tile_plan = md.tiling.plan(
-        (8, 64, 64), (7, 9, 9), "rl", tile_shape=(-1, -1, 32), num_iter=2, input_itemsize=2
+        (8, 64, 64), psf_array, "rl", tile_shape=(-1, -1, 32), num_iter=2, input_itemsize=2
     )
     assert tile_plan.tiles == 2
     assert f"  tile plan (rl): {tile_plan} (each of 2 volumes)" in capsys.readouterr().out.splitlines()
@@ -780,7 +781,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert not (tmp_path / "out").exists()  # not even the output folder
     resampled = md.psf.resample(fine, (0.1, 0.05, 0.05), SPACING)
-    plan = md.tiling.plan((8, 40, 40), resampled.shape, "rl", tile_shape=(-1, -1, 20), num_iter=2)
+    plan = md.tiling.plan((8, 40, 40), resampled, "rl", tile_shape=(-1, -1, 20), num_iter=2)
     assert plan.tiles == 2
     shape = "x".join(map(str, resampled.shape))
     assert printed.splitlines()[1:] == [
@@ -831,7 +832,7 @@ def test_tile_shape_and_memory_limit_reach_the_restoration(tmp_path, psf_file, c
     assert not np.allclose(restored, rl(image, psf), rtol=1e-6, atol=0)
     # --memory-limit: the library's plan for that limit
     limit = "2MB"
-    plan = md.tiling.plan((8, 64, 64), psf.shape, "rl", memory_limit=limit, num_iter=2, input_itemsize=2)
+    plan = md.tiling.plan((8, 64, 64), psf, "rl", memory_limit=limit, num_iter=2, input_itemsize=2)
     assert 1 < plan.tiles
     assert main([*argv, "--memory-limit", limit, "--overwrite", "-q", "--spacing", *map(str, SPACING)]) == 0
     expected = md.deconvolve(image, psf, "rl", num_iter=2, device="cpu", background=0.0, memory_limit=limit)
@@ -853,7 +854,7 @@ def test_a_file_larger_than_the_memory_is_read_and_written_tile_by_tile(tmp_path
     path = write(tmp_path / "big.tif", image, spacing=SPACING[1:])
     psf_path = write(tmp_path / "psf.tif", psf, spacing=SPACING[1:])
     limit = "1.5MB"  # smaller than the file, larger than a tile
-    plan = md.tiling.plan(image.shape, psf.shape, "rl", memory_limit=limit, num_iter=2)
+    plan = md.tiling.plan(image.shape, psf, "rl", memory_limit=limit, num_iter=2)
     assert 1 < plan.tiles <= 25
     seen = []
     original = md.restore.deconvolve

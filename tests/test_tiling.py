@@ -51,9 +51,7 @@ def test_tiled_equals_whole_for_every_method(method):
     image, psf = _data((12, 110, 97), (5, 9, 9))
     params = {**FAST[method]}
     tile_shape = (None, 55, 49)
-    tile_plan = tiling.plan(
-        image.shape, psf.shape, method, tile_shape=tile_shape, num_iter=params.get("num_iter")
-    )
+    tile_plan = tiling.plan(image.shape, psf, method, tile_shape=tile_shape, num_iter=params.get("num_iter"))
     assert tile_plan.tiles == 4
     whole = _whole_under_the_tiles_model(image, psf, method, tile_plan, params)
     tiled = md.deconvolve(image, psf, method, tile_shape=tile_shape, device="cpu", **params)
@@ -69,7 +67,7 @@ def test_tiled_equals_whole_in_every_boundary_mode(method, boundary):
     tile_shape = (None, 32, 48)
     tile_plan = tiling.plan(
         image.shape,
-        psf.shape,
+        psf,
         method,
         tile_shape=tile_shape,
         boundary=boundary,
@@ -87,7 +85,7 @@ def test_tiled_equals_whole_in_every_boundary_mode(method, boundary):
 def test_odd_shape_several_tile_shapes(tile_shape):
     image, psf = _data((37, 301, 263), (5, 9, 9), seed=2)
     params = {"num_iter": 6}
-    tile_plan = tiling.plan(image.shape, psf.shape, "rl", tile_shape=tile_shape, num_iter=6)
+    tile_plan = tiling.plan(image.shape, psf, "rl", tile_shape=tile_shape, num_iter=6)
     assert tile_plan.tiles > 1
     whole = _whole_under_the_tiles_model(image, psf, "rl", tile_plan, params)
     tiled = md.deconvolve(image, psf, "rl", tile_shape=tile_shape, device="cpu", **params)
@@ -96,7 +94,7 @@ def test_odd_shape_several_tile_shapes(tile_shape):
 
 def test_two_dimensional_image():
     image, psf = _data((200, 180), (11, 11), seed=3)
-    tile_plan = tiling.plan(image.shape, psf.shape, "rl", tile_shape=(64, 64), num_iter=10)
+    tile_plan = tiling.plan(image.shape, psf, "rl", tile_shape=(64, 64), num_iter=10)
     assert tile_plan.grid == (4, 3)
     whole = _whole_under_the_tiles_model(image, psf, "rl", tile_plan, {"num_iter": 10})
     tiled = md.deconvolve(image, psf, "rl", tile_shape=(64, 64), num_iter=10, device="cpu")
@@ -106,7 +104,7 @@ def test_two_dimensional_image():
 def test_the_model_matters_without_it_tiles_disagree():
     """The shared model is what makes the seams vanish: tiles measuring their own values differ."""
     image, psf = _data((12, 90, 77), (5, 9, 9))
-    tile_plan = tiling.plan(image.shape, psf.shape, "rl", tile_shape=(None, 45, 40), num_iter=10)
+    tile_plan = tiling.plan(image.shape, psf, "rl", tile_shape=(None, 45, 40), num_iter=10)
     whole = _whole_under_the_tiles_model(image, psf, "rl", tile_plan, {"num_iter": 10})
     volume = da.from_array(image, chunks=tile_plan.chunks)
     own = volume.map_overlap(
@@ -122,7 +120,7 @@ def test_one_tile_is_the_plain_call():
     image, psf = _data((8, 40, 40), (5, 9, 9))
     direct = md.richardson_lucy(image, psf, 10, device="cpu")
     np.testing.assert_array_equal(md.deconvolve(image, psf, "rl", num_iter=10, device="cpu"), direct)
-    assert tiling.plan(image.shape, psf.shape, "rl", memory_limit="1GB").tiles == 1
+    assert tiling.plan(image.shape, psf, "rl", memory_limit="1GB").tiles == 1
 
 
 def test_dask_in_lazy_dask_out():
@@ -281,8 +279,11 @@ def test_out_of_memory_falls_back_to_the_cpu_with_the_same_result(monkeypatch):
         return real(block, psf, **params)
 
     monkeypatch.setitem(METHODS, "rl", no_gpu_memory)
-    with pytest.warns(RuntimeWarning, match="restoring on the CPU instead"):
+    with pytest.warns(RuntimeWarning) as caught:
         out = md.deconvolve(image, psf, "rl", num_iter=5, device="gpu", memory_limit="1GB")
+    said = [str(w.message) for w in caught]
+    # smaller tiles first (while any fit the limit), then the CPU
+    assert "retrying with" in said[0] and "restoring on the CPU instead" in said[-1]
     np.testing.assert_array_equal(out, real(image, psf, 5, device="cpu"))
     # lazy input: each tile falls back on its own, under the shared model
     with pytest.warns(RuntimeWarning, match="a tile ran out of memory"):
