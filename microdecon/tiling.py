@@ -598,10 +598,11 @@ def _run_plan(image, psf, function, tile_plan: TilePlan, params, device, boundar
     # with smaller tiles by the caller first.
     fallback = is_dask
     source = _padded_source(image, tile_plan, boundary)
-    model = None
+    model, done = None, {}
     if tile_plan.tiles > 1:
-        model = _measure_model(image, psf, function, tile_plan, params, device, fallback)
-    restored = _tile_graph(source, psf, function, tile_plan, model, device, params, boundary, fallback)
+        model, index, result = _pilot(image, psf, function, tile_plan, params, device, fallback)
+        done[index] = result  # the pilot tile is restored already: not again
+    restored = _tile_graph(source, psf, function, tile_plan, model, device, params, boundary, fallback, done)
     if is_dask:
         return restored
     return restored.compute(scheduler="synchronous")
@@ -658,8 +659,11 @@ def _regions(tile_plan: TilePlan, boundary: str):
         yield index, tuple(read), tuple(core)
 
 
-def _tile_graph(source, psf, function, tile_plan: TilePlan, model, device, params, boundary, fallback):
-    """A lazy Dask array of the restored volume: one task per tile, assembled by ``da.block``."""
+def _tile_graph(
+    source, psf, function, tile_plan: TilePlan, model, device, params, boundary, fallback, done=None
+):
+    """A lazy Dask array of the restored volume: one task per tile, assembled by ``da.block``;
+    ``done`` maps tile indices to cores already restored."""
     import dask
     import dask.array as da
 
@@ -670,6 +674,9 @@ def _tile_graph(source, psf, function, tile_plan: TilePlan, model, device, param
     blocks = np.empty(tile_plan.grid, dtype=object)
     restore = dask.delayed(_restore_region, pure=False)
     for index, read, core in _regions(tile_plan, boundary):
+        if done and index in done:
+            blocks[index] = da.from_array(done[index], chunks=done[index].shape, meta=meta)
+            continue
         task = restore(_Region(source[read]), core, function, host_psf, model, device, params, fallback)
         shape = tuple(c.stop - c.start for c in core)
         blocks[index] = da.from_delayed(task, shape=shape, dtype=np.float32, meta=meta)
@@ -728,13 +735,23 @@ def _largest_piece(tile_plan: TilePlan, boundary: str) -> tuple[int, ...]:
 def _measure_model(
     image, psf, function, tile_plan: TilePlan, params: dict, device: str, fallback: bool = False
 ) -> TileModel:
-    """Restore the central tile (with its overlap) while recording what the method measures."""
+    """The model the tiles of ``image`` share (see :func:`_pilot`)."""
+    return _pilot(image, psf, function, tile_plan, params, device, fallback)[0]
+
+
+def _pilot(image, psf, function, tile_plan: TilePlan, params: dict, device: str, fallback: bool):
+    """Restore the central tile (with its overlap) while recording what the method measures.
+
+    Returns the model, the tile's index and its restored core: recording measures the values
+    and uses them, so the core is what the tile restored under the model gives, and the graph
+    takes it as it is rather than restoring the tile twice.
+    """
     boundary = params.get("boundary", "non-circulant")
     source = _padded_source(image, tile_plan, boundary)
     central = tuple(k // 2 for k in tile_plan.grid)
-    read = next(read for index, read, _ in _regions(tile_plan, boundary) if index == central)
+    read, core = next((read, core) for index, read, core in _regions(tile_plan, boundary) if index == central)
     region = _Region(source[read]).load()
     largest = _largest_piece(tile_plan, boundary)
     with recording(TileModel({"tile.largest_shape": largest})) as model:
-        _on_device_or_cpu(function, region, psf, device, params, fallback)
-    return model
+        result = _on_device_or_cpu(function, region, psf, device, params, fallback)
+    return model, central, result[core]

@@ -304,3 +304,20 @@ def test_errors_other_than_memory_are_not_retried(monkeypatch):
     monkeypatch.setitem(METHODS, "rl", broken)
     with pytest.raises(RuntimeError, match="something else"):
         md.deconvolve(image, psf, "rl", num_iter=5, device="cpu")
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_the_pilot_tile_is_what_the_tile_restores_under_the_model(method):
+    """The tile the model is measured on is used as it is: it must equal that tile restored
+    under the model, as every other tile is."""
+    image, psf = _data((12, 110, 97), (5, 9, 9), seed=8)
+    params = {**FAST[method]}
+    tile_plan = tiling.plan(
+        image.shape, psf, method, tile_shape=(None, 55, 49), num_iter=params.get("num_iter")
+    )
+    model, index, pilot = tiling._pilot(image, psf, METHODS[method], tile_plan, params, "cpu", False)
+    read, core = next((r, c) for i, r, c in tiling._regions(tile_plan, "non-circulant") if i == index)
+    again = tiling._restore_region(
+        tiling._Region(image[read]), core, METHODS[method], psf, model, "cpu", params, False
+    )
+    np.testing.assert_array_equal(pilot, again)
