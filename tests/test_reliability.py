@@ -85,8 +85,8 @@ def problems(draw, max_ndim=3):
     rng = np.random.default_rng(seed)
     info = np.iinfo(dtype) if dtype.kind in "iu" else np.finfo(dtype)
     # Float magnitudes are capped at 1e15 here: every method overflows to Inf/NaN near the
-    # float32 maximum (which the argument checks accept), and unsupervised_wiener from about
-    # 1e18 (known bugs, see the reliability issue). Large values are tested on their own below.
+    # float32 maximum, which the argument checks accept (a known bug, left for the reliability
+    # issue). Values up to 1e30 are tested on their own below.
     high = float(info.max) if dtype.kind in "iu" else min(float(info.max), 1e15)
     low = float(info.min) if dtype.kind in "iu" else -high
     mode = draw(st.sampled_from(["random", "full-range", "zeros", "maximum", "signed", "sparse"]))
@@ -235,19 +235,13 @@ def test_large_flat_regions(name):
     assert out[8:16, 2:6].mean() < 0.1 * 65535
 
 
-# The methods that estimate a balance from the image (wiener with balance="auto",
-# unsupervised_wiener) square values in float32 and break above about 1e18 (see the report of
-# the reliability issue); they are checked at 1e15, the others at 1e30.
-_SQUARES_IN_FLOAT32 = ("unsupervised_wiener", "wiener_auto")
-
-
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("name", sorted(CALLS))
 def test_very_large_values_keep_their_scale(name, dtype):
     rng = np.random.default_rng(3)
     base = (rng.random((16, 16)) + 0.5).astype(np.float32)
     psf = md.psf.gaussian((5, 5), 1.0)
-    scale = 1e15 if name in _SQUARES_IN_FLOAT32 else 1e30
+    scale = 1e30
     small = _call(name, base.astype(dtype), psf)
     large = _call(name, (base * scale).astype(dtype), psf)
     _check_result(large, base.shape)

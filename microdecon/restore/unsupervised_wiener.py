@@ -599,6 +599,11 @@ def unsupervised_wiener(
         data = backend.asarray(image)
         if not isinstance(background, float) or background != 0:
             data = data - backend.asarray(background)
+        # The sampler squares spectra in float32: at unit scale they cannot overflow (at 1e18
+        # counts they did). The restoration is linear in the data for given precisions and the
+        # precisions scale as 1 / scale**2, so both go back to image units exactly.
+        scale = max(float(xp.abs(data).max()), 1e-30)
+        data = data * np.float32(1 / scale)
 
         def on_grid(margin: int):
             """The operator and the unitary spectra of the data, the PSF and the regularizer
@@ -622,9 +627,12 @@ def unsupervised_wiener(
         fft_shape = op.fft_shape
         n_data = int(np.prod(fft_shape))
 
-        def to_image(spectrum):
+        def to_image(spectrum, op=op, unitary=unitary):
+            """The image-shaped part of a unit-scale unitary spectrum, in image units."""
             grid = op.plan.inverse(spectrum * unitary)
-            return xp.array(grid[op.image_slices], dtype=np.float32, copy=True)
+            out = xp.array(grid[op.image_slices], dtype=np.float32, copy=True)
+            out *= np.float32(scale)
+            return out
 
         def sample():
             """Run the chain to its stop: its last state and the (noise, prior) precisions that
@@ -657,8 +665,13 @@ def unsupervised_wiener(
                 if rule.callback is not None:
                     estimate = to_image(state.mean() if state.total is not None else state.conditional)
                     if rule.callback_wants_info:
-                        info = GibbsInfo(
-                            state.iteration, state.change, None, state.noise, state.prior, state.samples
+                        info = GibbsInfo(  # the precisions in image units
+                            state.iteration,
+                            state.change,
+                            None,
+                            state.noise / scale**2,
+                            state.prior / scale**2,
+                            state.samples,
                         )
                         stop = rule.callback(state.iteration, estimate, info)
                     else:
@@ -678,8 +691,7 @@ def unsupervised_wiener(
             # The filter they give runs on the one-pass filters' wider grid, like Wiener's.
             precisions = shared("unsupervised_wiener.precisions", lambda: sample()[1])
             wide, wide_unitary, *spectra = on_grid(ONE_PASS_MARGIN)
-            grid = wide.plan.inverse(_mean_conditional(*spectra, precisions, xp) * wide_unitary)
-            result = xp.array(grid[wide.image_slices], dtype=np.float32, copy=True)
+            result = to_image(_mean_conditional(*spectra, precisions, xp), wide, wide_unitary)
         else:
             state, _ = sample()
             result = to_image(state.conditional if state.total is None else state.mean())

@@ -292,7 +292,9 @@ def _linear_filter(
         if not isinstance(background, float) or background != 0:
             data = data - backend.asarray(background)
         if balance == "auto":
-            balance = shared("wiener.balance", lambda: _auto_balance(data, psf, reg, backend))
+            balance = shared(
+                "wiener.balance", lambda: _auto_balance(_unit_scaled(data, xp), psf, reg, backend)
+            )
         op = Convolution(psf, tuple(image.shape), boundary=boundary, backend=backend, margin=ONE_PASS_MARGIN)
         spectrum = op.plan.forward(op.extend_image(data))
         otf, power = _true_otf(op)
@@ -311,6 +313,14 @@ def _linear_filter(
         if clip:
             xp.maximum(result, 0, out=result)
     return return_like(result, image, backend)
+
+
+def _unit_scaled(data: Any, xp: Any):
+    """``data`` divided by its largest magnitude (a new array). The balance is the same at any
+    scale, and the risk estimate squares spectra in float32: at unit scale they cannot overflow
+    (at 1e18 counts they did)."""
+    largest = max(float(xp.abs(data).max()), 1e-30)
+    return data * np.float32(1 / largest)
 
 
 def _true_otf(op: Convolution):
