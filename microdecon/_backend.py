@@ -403,7 +403,9 @@ def _numpy_kernels(slabs: _Slabs):
                 background[s] if isinstance(background, np.ndarray) and background.ndim else background
             )
             np.maximum(denominator, floor, out=denominator)
-            numerator = np.multiply(image[s], image_scale, dtype=np.float32)
+            # a large negative value may overflow to -inf here: harmless, as it is clipped next
+            with np.errstate(over="ignore"):
+                numerator = np.multiply(image[s], image_scale, dtype=np.float32)
             if clip_image:
                 np.maximum(numerator, 0, out=numerator)
             np.divide(numerator, denominator, out=blurred[s])

@@ -281,7 +281,7 @@ def test_bad_images_and_psfs_are_named():
         md.richardson_lucy(np.ones((4, 4)), np.array([[1.0, np.inf]]), 2, device="cpu")
     with pytest.raises(ValueError, match="psf is empty"):
         md.richardson_lucy(np.ones((4, 4)), np.ones((0, 3)), 2, device="cpu")
-    with pytest.raises(ValueError, match="beyond the float32 range"):
+    with pytest.raises(ValueError, match="could overflow; rescale it"):
         md.richardson_lucy(np.full((4, 4), 1e39), np.ones((3, 3)), 2, device="cpu")
     with pytest.raises(TypeError, match="image must be an array of numbers"):
         md.richardson_lucy([[1, 2], [3]], np.ones((3, 3)), 2, device="cpu")

@@ -240,7 +240,9 @@ class _RichardsonLucy:
         xp = self.xp
         x = self.be.empty(self.op.object_shape)
         inside = self.op.restrict(x)
-        xp.multiply(self.image, self.image_scale, out=inside, dtype=np.float32)
+        # a large negative value may overflow to -inf here: harmless, as it is clipped below
+        with np.errstate(over="ignore"):
+            xp.multiply(self.image, self.image_scale, out=inside, dtype=np.float32)
         inside -= self.background
         xp.maximum(inside, 0, out=inside)
         flux = shared("rl.flux", lambda: float(inside.mean()))

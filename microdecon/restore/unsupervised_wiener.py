@@ -602,7 +602,7 @@ def unsupervised_wiener(
         # The sampler squares spectra in float32: at unit scale they cannot overflow (at 1e18
         # counts they did). The restoration is linear in the data for given precisions and the
         # precisions scale as 1 / scale**2, so both go back to image units exactly.
-        scale = max(float(xp.abs(data).max()), 1e-30)
+        scale = shared("unsupervised_wiener.scale", lambda: max(float(xp.abs(data).max()), 1e-30))
         data = data * np.float32(1 / scale)
 
         def on_grid(margin: int):

@@ -291,10 +291,13 @@ def _linear_filter(
         data = backend.asarray(image)
         if not isinstance(background, float) or background != 0:
             data = data - backend.asarray(background)
+        # A linear filter: computed at unit scale, where no FFT sum can overflow float32 (at
+        # 1e35 counts they did), and scaled back.
+        # (One scale for all the tiles of a volume: what they share is in its units.)
+        scale = shared("wiener.scale", lambda: max(float(xp.abs(data).max()), 1e-30))
+        data = data * np.float32(1 / scale)
         if balance == "auto":
-            balance = shared(
-                "wiener.balance", lambda: _auto_balance(_unit_scaled(data, xp), psf, reg, backend)
-            )
+            balance = shared("wiener.balance", lambda: _auto_balance(data, psf, reg, backend))
         op = Convolution(psf, tuple(image.shape), boundary=boundary, backend=backend, margin=ONE_PASS_MARGIN)
         spectrum = op.plan.forward(op.extend_image(data))
         otf, power = _true_otf(op)
@@ -310,17 +313,10 @@ def _linear_filter(
         spectrum /= denominator
         del otf, denominator
         result = xp.array(op.plan.inverse(spectrum)[op.image_slices], dtype=np.float32, copy=True)
+        result *= np.float32(scale)
         if clip:
             xp.maximum(result, 0, out=result)
     return return_like(result, image, backend)
-
-
-def _unit_scaled(data: Any, xp: Any):
-    """``data`` divided by its largest magnitude (a new array). The balance is the same at any
-    scale, and the risk estimate squares spectra in float32: at unit scale they cannot overflow
-    (at 1e18 counts they did)."""
-    largest = max(float(xp.abs(data).max()), 1e-30)
-    return data * np.float32(1 / largest)
 
 
 def _true_otf(op: Convolution):
