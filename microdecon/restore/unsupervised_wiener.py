@@ -51,7 +51,7 @@ from .._backend import Backend, get_backend, return_like
 from .._tile_model import in_force, shared
 from ..operators import Boundary, Convolution
 from ._stopping import IterationInfo, StoppingRule
-from .wiener import ONE_PASS_MARGIN, _half_spectrum_weights
+from .wiener import ONE_PASS_MARGIN, _half_spectrum_weights, _unit_scaled_data
 
 __all__ = ["GibbsInfo", "GibbsState", "gibbs_chain", "unsupervised_wiener"]
 
@@ -596,14 +596,8 @@ def unsupervised_wiener(
     backend = get_backend(image, psf, device=device)
     xp = backend.xp
     with backend.activate():
-        data = backend.asarray(image)
-        if not isinstance(background, float) or background != 0:
-            data = data - backend.asarray(background)
-        # The sampler squares spectra in float32: at unit scale they cannot overflow (at 1e18
-        # counts they did). The restoration is linear in the data for given precisions and the
-        # precisions scale as 1 / scale**2, so both go back to image units exactly.
-        scale = shared("unsupervised_wiener.scale", lambda: max(float(xp.abs(data).max()), 1e-30))
-        data = data * np.float32(1 / scale)
+        # at unit scale; the precisions scale as 1 / scale**2 and are reported in image units
+        data, scale = _unit_scaled_data(image, background, backend)
 
         def on_grid(margin: int):
             """The operator and the unitary spectra of the data, the PSF and the regularizer

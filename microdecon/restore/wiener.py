@@ -288,14 +288,7 @@ def _linear_filter(
     backend = get_backend(image, psf, device=device)
     xp = backend.xp
     with backend.activate():
-        data = backend.asarray(image)
-        if not isinstance(background, float) or background != 0:
-            data = data - backend.asarray(background)
-        # A linear filter: computed at unit scale, where no FFT sum can overflow float32 (at
-        # 1e35 counts they did), and scaled back.
-        # (One scale for all the tiles of a volume: what they share is in its units.)
-        scale = shared("wiener.scale", lambda: max(float(xp.abs(data).max()), 1e-30))
-        data = data * np.float32(1 / scale)
+        data, scale = _unit_scaled_data(image, background, backend)
         if balance == "auto":
             balance = shared("wiener.balance", lambda: _auto_balance(data, psf, reg, backend))
         op = Convolution(psf, tuple(image.shape), boundary=boundary, backend=backend, margin=ONE_PASS_MARGIN)
@@ -317,6 +310,23 @@ def _linear_filter(
         if clip:
             xp.maximum(result, 0, out=result)
     return return_like(result, image, backend)
+
+
+def _unit_scaled_data(image: Any, background: Any, backend) -> tuple[Any, float]:
+    """The data less background, divided by its largest magnitude (a new float32 array on the
+    device), and that scale.
+
+    The one-pass filters are linear in the data (unsupervised Wiener too, for given
+    precisions), so they compute at unit scale and scale back exactly: there no FFT sum or
+    squared spectrum can overflow float32 (at 1e18 counts the risk estimate did, at 1e35 the
+    filters). The scale is shared by the tiles of a volume: what they share is in its units.
+    """
+    xp = backend.xp
+    data = backend.asarray(image)
+    if not isinstance(background, float) or background != 0:
+        data = data - backend.asarray(background)
+    scale = shared("one_pass.scale", lambda: max(float(xp.abs(data).max()), 1e-30))
+    return data * np.float32(1 / scale), scale
 
 
 def _true_otf(op: Convolution):
