@@ -20,10 +20,13 @@ attributes.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import re
 import shutil
+import socket
 import struct
 import sys
 import tempfile
@@ -848,6 +851,7 @@ def imwrite(
     else:
         stored = "".join(a for a in _NGFF_ORDER if a in axes)
     data = data.transpose([axes.index(a) for a in stored])
+    _sweep_stale(path)
     if kind == "zarr":
         record["extra"] = extra
         _write_zarr(path, data, stored, spacing, record)
@@ -1027,7 +1031,7 @@ def _write_tiff(
             "photometric": "minisblack",
             "bigtiff": nbytes > _BIGTIFF_BYTES,
         }
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    handle, temporary = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=".part", dir=path.parent)
     os.close(handle)
     try:
         if _is_dask(data):
@@ -1042,9 +1046,12 @@ def _write_tiff(
             tifffile.imwrite(temporary, data, **kwargs)
         os.chmod(temporary, _normal_mode(0o666))  # mkstemp makes 0600
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         Path(temporary).unlink(missing_ok=True)
-        raise
+        explained = _write_error(error, temporary, path)
+        if explained is error:
+            raise
+        raise explained from error
 
 
 class _FileRegion:
@@ -1067,7 +1074,7 @@ class _FileRegion:
 def _write_zarr(path: Path, data: Any, axes: str, spacing: dict[str, float], record: dict[str, Any]) -> None:
     import zarr
 
-    temporary = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent))
+    temporary = Path(tempfile.mkdtemp(prefix=_temporary_prefix(path), suffix=".part", dir=path.parent))
     try:
         root = zarr.open_group(str(temporary), mode="w", zarr_format=2)
         lazy = _is_dask(data)
@@ -1101,9 +1108,12 @@ def _write_zarr(path: Path, data: Any, axes: str, spacing: dict[str, float], rec
         root.attrs.update(_ngff_attributes(path, axes, spacing, record, low, high))
         os.chmod(temporary, _normal_mode(0o777))  # mkdtemp makes 0700
         _swap_in(temporary, path)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(temporary, ignore_errors=True)
-        raise
+        explained = _write_error(error, temporary, path)
+        if explained is error:
+            raise
+        raise explained from error
 
 
 def _zarr_chunks(shape: tuple[int, ...], axes: str, itemsize: int) -> tuple[int, ...]:
@@ -1168,7 +1178,7 @@ def _swap_in(temporary: Path, path: Path) -> None:
     if not (path.exists() or path.is_symlink()):
         os.rename(temporary, path)
         return
-    aside = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.old")
+    aside = path.with_name(f"{_temporary_prefix(path)}{uuid.uuid4().hex[:8]}.old")
     os.rename(path, aside)
     try:
         os.rename(temporary, path)
@@ -1179,6 +1189,76 @@ def _swap_in(temporary: Path, path: Path) -> None:
         shutil.rmtree(aside, ignore_errors=True)
     else:
         aside.unlink(missing_ok=True)
+
+
+def _write_error(error: BaseException, temporary: Any, path: Path) -> BaseException:
+    """The error a failed write reports, naming the file the user asked for, not the temporary.
+
+    NumPy reports a short write (a full disk, a quota, a file-size limit) as a bare
+    "N requested and M written"; it becomes an OSError with the reason's errno and text.
+    """
+    if not isinstance(error, OSError):
+        return error
+    short = re.search(r"(\d+) requested and (\d+) written", str(error))
+    if error.errno is None and short:
+        try:
+            free = shutil.disk_usage(path.parent).free
+        except OSError:
+            free = 0
+        code = errno.ENOSPC if free < int(short[1]) else errno.EFBIG  # no room, or a limit
+        return OSError(code, os.strerror(code), str(path))
+    if error.filename and str(error.filename).startswith(str(temporary)):
+        error.filename = str(path)
+    return error
+
+
+def _temporary_prefix(path: Path) -> str:
+    """Hidden names for a write in progress, naming the host and process that owns them."""
+    return f".{path.name}.{_HOST}-{os.getpid()}."
+
+
+_HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname()) or "host"
+
+
+def _sweep_stale(path: Path) -> None:
+    """Clear what a killed write of ``path`` left beside it, so a rerun ends clean.
+
+    A write that was killed (SIGKILL, a power cut) leaves its hidden ``.part`` temporary, and a
+    Zarr store killed in mid-swap leaves the previous result aside as ``.old``. Only leftovers of
+    processes of this host that no longer run are touched: a concurrent writer's are its own. A
+    previous result found aside while ``path`` is missing is put back, so nothing is lost.
+    """
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(?P<host>\w+)-(?P<pid>\d+)\.\w+\.(?P<kind>part|old)$")
+    try:
+        names = os.listdir(path.parent)
+    except OSError:  # unreadable folder: the write itself will say why
+        return
+    for name in sorted(names, key=lambda n: n.endswith(".part")):  # restore an .old one first
+        found = pattern.match(name)
+        if not found or found["host"] != _HOST or _alive(int(found["pid"])):
+            continue
+        leftover = path.parent / name
+        try:
+            if found["kind"] == "old" and not (path.exists() or path.is_symlink()):
+                os.rename(leftover, path)
+            elif leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover)
+            else:
+                leftover.unlink()
+        except OSError:  # another rerun swept it first, or it is not ours to remove
+            pass
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def _normal_mode(mode: int) -> int:

@@ -14,6 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import microdecon as md
+from microdecon import _backend
+from microdecon._backend import gpu_available
 from microdecon.restore import METHODS
 
 # name -> (function, keyword arguments kept small for speed)
@@ -340,3 +342,19 @@ def test_deconvolve_does_not_modify_read_only_inputs(method):
     _check_result(out, image.shape)
     assert image.tobytes() == image_before.tobytes()
     assert psf.tobytes() == psf_before.tobytes()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_cupy_inputs_are_not_modified(method):
+    if not gpu_available():
+        pytest.skip("needs CuPy and a CUDA GPU")
+    xp = _backend.get_backend(device="gpu").xp
+    rng = np.random.default_rng(7)
+    image = xp.asarray((rng.random((4, 16, 16)) * 200).astype(np.float32))
+    psf = xp.asarray(md.psf.gaussian((3, 5, 5), 1.0))
+    image_before, psf_before = image.copy(), psf.copy()
+    out = md.deconvolve(image, psf, method, device="gpu", **DECONVOLVE_OPTIONS[method])
+    assert _backend.is_device_array(out)
+    _check_result(out.get(), image.shape)
+    assert bool((image == image_before).all()) and bool((psf == psf_before).all())
