@@ -298,3 +298,23 @@ def test_a_batch_of_two_hundred_files_keeps_memory_steady(tmp_path, monkeypatch)
     assert len(resident) == 200 and len(visible(tmp_path / "out")) == 200
     warm = np.median(resident[10:30])
     assert max(resident[30:]) - warm < 4e6, (warm, max(resident[30:]))
+
+
+@pytest.mark.gpu
+def test_two_hundred_stacks_on_the_gpu_keep_the_memory_pool_steady():
+    from microdecon import _backend
+
+    if not _backend.gpu_available():
+        pytest.skip("needs CuPy and a CUDA GPU")
+    xp = _backend.get_backend(device="gpu").xp
+    pool = xp.get_default_memory_pool()
+    psf = md.psf.gaussian((5, 7, 7), (1.0, 1.5, 1.5))
+    base = np.random.default_rng(0).poisson(20.0, (32, 128, 128)).astype(np.float32)
+    held, used = [], []
+    for index in range(200):
+        md.deconvolve(base + np.float32(index % 7), psf, "rl", num_iter=3, device="gpu")
+        held.append(pool.total_bytes())
+        used.append(pool.used_bytes())
+    # the pool keeps its blocks for reuse, so it may grow over the first stacks, then not at all
+    assert max(held[10:]) == held[10], (held[10], max(held[10:]))
+    assert max(used[10:]) <= used[10] + 4 * base.nbytes
