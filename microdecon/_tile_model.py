@@ -29,10 +29,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-__all__ = ["TileModel", "applying", "in_force", "recording", "setting", "shared", "shared_step"]
+__all__ = ["TileModel", "applying", "in_force", "recording", "reused", "setting", "shared", "shared_step"]
 
 T = TypeVar("T")
 
@@ -42,6 +43,14 @@ class TileModel:
 
     def __init__(self, values: dict[str, Any] | None = None):
         self.values: dict[str, Any] = dict(values or {})
+        self._reused: dict[Any, Any] = {}  # see reused(): this process's, never pickled
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"values": self.values}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["values"])
 
     def __repr__(self) -> str:
         shown = ", ".join(
@@ -104,6 +113,25 @@ def shared(name: str, measure: Callable[[], T]) -> T:
     if mode == "record":
         model.values[name] = value
     return value
+
+
+def reused(key: Any, make: Callable[[], T], entries: int = 2) -> T:
+    """What ``make()`` gives, made once per key for all the tiles a process restores.
+
+    For things every tile computes alike and that are too large to travel with the record, such
+    as an OTF: they live with the model in this process only (a pickled model arrives without
+    them), at most ``entries`` at a time, and go with the model. Outside a model: ``make()``.
+    """
+    state = _ACTIVE.get()
+    if state is None:
+        return make()
+    model = state[1]
+    with model._lock:  # tiles restored by threads of one process make it once
+        if key not in model._reused:
+            while len(model._reused) >= entries:
+                model._reused.pop(next(iter(model._reused)))
+            model._reused[key] = make()
+        return model._reused[key]
 
 
 def shared_step(name: str, index: int, measured: float) -> float:

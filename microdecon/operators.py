@@ -23,6 +23,7 @@ Boundary modes
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -31,7 +32,7 @@ import numpy as np
 
 from . import _validate
 from ._backend import Backend, get_backend, return_like
-from ._tile_model import setting, shared
+from ._tile_model import reused, setting, shared
 
 Boundary = Literal["non-circulant", "periodic", "reflect"]
 
@@ -242,20 +243,27 @@ class Convolution:
             else None
         )
 
-        xp = self.backend.xp
         self.plan = self.backend.fft_plan(fft_shape)
-        kernel = _wrapped_kernel(psf_host, fft_shape, self.backend)
+        # The tiles of a volume share the PSF and the grid: one OTF serves them all (read only)
+        digest = hashlib.blake2b(psf_host.tobytes(), digest_size=16).hexdigest()
+        self.otf_key = ("otf", self.backend.name, self.backend.device_id, fft_shape, psf_host.shape, digest)
+        self.otf = reused(self.otf_key, lambda: self._make_otf(psf_host))
+        self._work = None  # the last transform's output: scratch for the next one
+
+    def _make_otf(self, psf_host: np.ndarray):
+        xp = self.backend.xp
+        kernel = _wrapped_kernel(psf_host, self.fft_shape, self.backend)
         spectrum = self.plan.forward(kernel)
         del kernel
         # keep the spectrum as the OTF, unless the plan will overwrite it
-        self.otf = xp.array(spectrum, copy=True) if self.plan.reuses_buffers else spectrum
-        self.otf *= np.float32(self.fft_scale)
+        otf = xp.array(spectrum, copy=True) if self.plan.reuses_buffers else spectrum
+        otf *= np.float32(self.fft_scale)
         del spectrum
         if _is_point_symmetric(psf_host):
             # A PSF symmetric about its centre has a real OTF: keep half the memory, and the
             # adjoint's conjugation is free.
-            self.otf = xp.ascontiguousarray(self.otf.real)
-        self._work = None  # the last transform's output: scratch for the next one
+            otf = xp.ascontiguousarray(otf.real)
+        return otf
 
     # ---- buffers ----------------------------------------------------------------------------
     def _grid_buffer(self):

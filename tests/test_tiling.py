@@ -321,3 +321,24 @@ def test_the_pilot_tile_is_what_the_tile_restores_under_the_model(method):
         tiling._Region(image[read]), core, METHODS[method], psf, model, "cpu", params, False
     )
     np.testing.assert_array_equal(pilot, again)
+
+
+def test_tiles_of_one_volume_share_one_otf_and_normalization_in_a_process():
+    import pickle
+
+    from microdecon._tile_model import TileModel, applying, reused
+    from microdecon.operators import Convolution
+
+    psf = md.psf.gaussian((5, 9, 9), 1.5)
+    outside = [Convolution(psf, (8, 40, 40)).otf for _ in range(2)]
+    assert outside[0] is not outside[1]  # no model: nothing is kept
+    model = TileModel()
+    with applying(model):
+        first, second = Convolution(psf, (8, 40, 40)), Convolution(psf, (8, 40, 40))
+        other = Convolution(md.psf.gaussian((5, 9, 9), 2.0), (8, 40, 40))
+        assert first.otf is second.otf and other.otf is not first.otf
+        np.testing.assert_array_equal(first.otf, outside[0])
+        assert reused("k", lambda: 1) == 1 and reused("k", lambda: 2) == 1
+    # the record travels without them (they are large and this process's)
+    assert pickle.loads(pickle.dumps(model))._reused == {}
+    # (that tiles restored so equal the whole volume is tested above, for every method)

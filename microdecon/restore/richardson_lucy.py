@@ -41,7 +41,7 @@ import numpy as np
 
 from .. import _validate
 from .._backend import Backend, get_backend, return_like
-from .._tile_model import in_force, shared, shared_step
+from .._tile_model import in_force, reused, shared, shared_step
 from ..metrics import i_divergence
 from ..operators import Boundary, Convolution
 from ._stopping import StoppingRule
@@ -209,6 +209,21 @@ def _load_poisson_data(solver: Any, be: Backend, image: Any, background: Any) ->
     solver.floor = np.float32(1e-6)
 
 
+def _normalization(op: Convolution):
+    """``1 / H^T 1`` where the image sees at least MIN_VISIBLE_FRACTION of a voxel's light, 0
+    elsewhere; None where ``H^T 1 == 1`` (periodic, or reflect with a symmetric PSF). Made in
+    place: no grid-sized temporaries."""
+    xp = op.backend.xp
+    visible = op.adjoint_of_ones()
+    if float(visible.max()) - 1 < 1e-5 and 1 - float(visible.min()) < 1e-5:
+        return None
+    support = visible > MIN_VISIBLE_FRACTION
+    xp.maximum(visible, MIN_VISIBLE_FRACTION, out=visible)
+    xp.reciprocal(visible, out=visible)
+    visible *= support
+    return visible
+
+
 class _RichardsonLucy:
     """State of one RL run: the data on the device, the normalization and the update step."""
 
@@ -221,17 +236,11 @@ class _RichardsonLucy:
         self.divergence = None  # of the last forward model, when a stopping rule asks for it
         # H^T 1, the fraction of each voxel's light that the image sees; the update divides by
         # it, so its masked reciprocal is kept (made in place: no grid-sized temporaries).
-        visible = op.adjoint_of_ones()
-        if float(visible.max()) - 1 < 1e-5 and 1 - float(visible.min()) < 1e-5:
-            self.normalization = None  # periodic, or reflect with a symmetric PSF: H^T 1 == 1
-            self.support = None
-            del visible
-        else:
-            self.support = visible > MIN_VISIBLE_FRACTION
-            xp.maximum(visible, MIN_VISIBLE_FRACTION, out=visible)
-            xp.reciprocal(visible, out=visible)
-            visible *= self.support
-            self.normalization = visible
+        # Tiles of one shape share them (read only): a process makes them once for all.
+        key = ("rl.normalization", op.otf_key, op.image_shape, op.boundary)
+        self.normalization = reused(key, lambda: _normalization(op), entries=1)
+        # zero exactly outside the support (only the first estimate needs it, so it is not kept)
+        self.support = None if self.normalization is None else self.normalization > 0
 
     def initial_estimate(self):
         """The observed image less background, mixed with 5% of its mean so that no voxel starts
