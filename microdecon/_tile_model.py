@@ -2,8 +2,8 @@
 
 Some methods measure things on the whole of their input: Richardson–Lucy its unit scale, the
 flux of its first estimate and, when accelerated, one extrapolation weight per iteration; FISTA
-its momentum and restarts; Wiener an automatic balance and the mean its boundary margin fades
-to; unsupervised Wiener its noise and prior precisions; blind RL its PSF. Restored tile by tile,
+its momentum and restarts; Wiener and Tikhonov an automatic balance and the mean their boundary
+margin fades to; unsupervised Wiener its noise and prior precisions; blind RL its PSF. Restored tile by tile,
 each tile would measure its own, and the seams would show. So the tiler measures them once, on a
 representative region, *recording* each value as the method asks for it, and then restores
 every tile while *applying* that record: every tile, and a whole-volume run under the same
