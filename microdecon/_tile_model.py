@@ -33,7 +33,17 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-__all__ = ["TileModel", "applying", "in_force", "recording", "reused", "setting", "shared", "shared_step"]
+__all__ = [
+    "TileModel",
+    "applying",
+    "in_force",
+    "recorded",
+    "recording",
+    "reused",
+    "setting",
+    "shared",
+    "shared_step",
+]
 
 T = TypeVar("T")
 
@@ -113,6 +123,15 @@ def shared(name: str, measure: Callable[[], T]) -> T:
     if mode == "record":
         model.values[name] = value
     return value
+
+
+def recorded(name: str) -> Any:
+    """The value recorded under ``name`` while a model is applied, else None (for decisions a
+    method must take before it can measure, such as how many iterations to run)."""
+    state = _ACTIVE.get()
+    if state is None or state[0] != "apply":
+        return None
+    return state[1].values.get(name)
 
 
 def reused(key: Any, make: Callable[[], T], entries: int = 2) -> T:

@@ -1077,10 +1077,23 @@ def _psf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _num_iter(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or 'auto', got {text!r}") from None
+
+
 def _add_method_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=sorted(METHODS), default="rl")
     parser.add_argument(
-        "--num-iter", type=int, default=None, help="iterations of an iterative method (default: its own)"
+        "--num-iter",
+        type=_num_iter,
+        default=None,
+        help="iterations of an iterative method, or 'auto' (default: its own; rl's is auto: it stops "
+        "when the fit to the data levels off, at most 100)",
     )
     parser.add_argument(
         "--balance", type=float, default=None, help="wiener/tikhonov weight (default: chosen from the data)"

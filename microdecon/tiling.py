@@ -160,7 +160,12 @@ def overlap_for(psf: Any, method: str = "rl", num_iter: int | None = None) -> tu
     if method in _ONE_PASS_REACH:
         reach = _ONE_PASS_REACH[method]
     else:
-        count = _default_iterations(method) if num_iter is None else int(num_iter)
+        count = _default_iterations(method) if num_iter is None else num_iter
+        if count == "auto":  # RL's automatic stop: as far as it may go
+            from .restore.richardson_lucy import AUTO_MAX_ITER
+
+            count = AUTO_MAX_ITER
+        count = int(count)
         if method == "blind-rl":
             count *= 4  # image steps per outer iteration, as richardson_lucy runs it in tiles
         # accelerated RL on a widefield PSF needed 3.5, 4.5 and 5.5 half-widths for 10, 30 and
@@ -192,13 +197,13 @@ def _rms_widths(psf: Any) -> tuple[float, ...]:
     return tuple(widths)
 
 
-def _default_iterations(method: str) -> int:
+def _default_iterations(method: str) -> int | str:
     import inspect
 
     from .restore import METHODS
 
     parameter = inspect.signature(METHODS[method]).parameters.get("num_iter")
-    return int(parameter.default) if parameter is not None else 1
+    return parameter.default if parameter is not None else 1
 
 
 def _check_method(method: Any) -> str:
@@ -310,7 +315,7 @@ def plan(
     Examples
     --------
     >>> print(plan((37, 301, 263), (9, 15, 15), "rl", tile_shape=(None, 128, 128)))
-    37 x 301 x 263: 9 tiles (1 x 3 x 3) of 37 x 101 x 88 + overlap 0 x 43 x 43, 65.6 MB per tile for rl
+    37 x 301 x 263: 9 tiles (1 x 3 x 3) of 37 x 101 x 88 + overlap 0 x 55 x 55, 78.0 MB per tile for rl
     """
     _check_method(method)
     _validate.check_choice(boundary, "boundary", _validate.BOUNDARIES)

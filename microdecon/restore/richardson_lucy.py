@@ -41,7 +41,7 @@ import numpy as np
 
 from .. import _validate
 from .._backend import Backend, get_backend, return_like
-from .._tile_model import in_force, reused, shared, shared_step
+from .._tile_model import in_force, recorded, reused, shared, shared_step
 from ..metrics import i_divergence
 from ..operators import Boundary, Convolution
 from ._stopping import StoppingRule
@@ -51,6 +51,17 @@ __all__ = ["richardson_lucy", "richardson_lucy_tv"]
 #: Object voxels that send less than this fraction of their light into the image are left at
 #: zero: they are too weakly constrained by the data to estimate ("non-circulant" margins).
 MIN_VISIBLE_FRACTION = 1e-3
+
+#: ``num_iter="auto"``: RL stops once the I-divergence of the data from the model falls by less
+#: than AUTO_PLATEAU of itself per iteration (averaged over AUTO_WINDOW iterations), or after
+#: AUTO_MAX_ITER. Measured on 11 problems (beads, filaments and cells; widefield, measured
+#: light-sheet and Gaussian PSFs; 40 to 1000 photons; the bundled sample): accelerated RL came
+#: within 0.3 dB of its best iteration on 8 and 0.5 dB below 30 fixed iterations on one, where
+#: 30 fixed iterations lost up to 20 dB (bright beads) and 1.7 dB (40 photons). The ratio does
+#: not change with the camera's gain.
+AUTO_PLATEAU = 4e-4
+AUTO_WINDOW = 3
+AUTO_MAX_ITER = 100
 
 #: Share of the flat mean in the first estimate (the rest is the observed image): starting from
 #: the data saves iterations, and the flat share keeps every voxel positive.
@@ -73,7 +84,7 @@ TV_EPSILON = 1e-4
 def richardson_lucy(
     image: Any,
     psf: Any,
-    num_iter: int = 30,
+    num_iter: int | str = "auto",
     *,
     accelerate: bool = True,
     tv: float = 0.0,
@@ -94,9 +105,14 @@ def richardson_lucy(
     psf : array_like
         Point spread function with one axis per image axis, any size (it may be larger than the
         image), centre at index ``n // 2``, non-negative; normalized to sum 1 here.
-    num_iter : int, >= 0
-        Most iterations to run. With ``accelerate=True``, 10-30 is typical; plain RL needs
-        several times more for the same sharpness.
+    num_iter : int >= 0, or "auto"
+        Most iterations to run. "auto" (the default) runs until the fit to the data stops
+        improving, at most AUTO_MAX_ITER (100): when the Poisson misfit (I-divergence) of the
+        data falls by less than AUTO_PLATEAU (4e-4) of itself per iteration, averaged over 3,
+        further iterations mostly fit the noise. Noisy data so stop early (15-20 iterations at
+        40 photons), clean data late (40-80). A number runs exactly that many (unless ``tol`` or
+        ``callback`` stop it); with ``accelerate=True`` 10-50 is typical, plain RL needs several
+        times more for the same sharpness.
     accelerate : bool
         Biggs–Andrews vector extrapolation: the same restoration in several times fewer
         iterations, for two extra image-sized buffers.
@@ -142,7 +158,7 @@ def richardson_lucy(
     """
     image = _validate.check_array(image, "image")
     psf = _validate.check_psf(psf, image.ndim)
-    num_iter = _validate.check_int(num_iter, "num_iter", minimum=0)
+    num_iter = check_num_iter(num_iter)
     tv = _validate.check_float(tv, "tv")
     if tv > MAX_TV:
         raise ValueError(f"tv must be <= {MAX_TV} (larger weights make RL-TV diverge), got {tv}")
@@ -209,6 +225,13 @@ def _load_poisson_data(solver: Any, be: Backend, image: Any, background: Any) ->
     solver.floor = np.float32(1e-6)
 
 
+def check_num_iter(num_iter: Any) -> int | str:
+    """``num_iter`` as an int >= 0 or "auto" (a ValueError/TypeError naming it otherwise)."""
+    if isinstance(num_iter, str):
+        return _validate.check_choice(num_iter, "num_iter", ("auto",))
+    return _validate.check_int(num_iter, "num_iter", minimum=0)
+
+
 def _normalization(op: Convolution):
     """``1 / H^T 1`` where the image sees at least MIN_VISIBLE_FRACTION of a voxel's light, 0
     elsewhere; None where ``H^T 1 == 1`` (periodic, or reflect with a symmetric PSF). Made in
@@ -234,6 +257,7 @@ class _RichardsonLucy:
         _load_poisson_data(self, be, image, background)
         self.tv = tv
         self.divergence = None  # of the last forward model, when a stopping rule asks for it
+        self.sampled_divergence = None  # the same on a quarter of the voxels, for num_iter="auto"
         # H^T 1, the fraction of each voxel's light that the image sees; the update divides by
         # it, so its masked reciprocal is kept (made in place: no grid-sized temporaries).
         # Tiles of one shape share them (read only): a process makes them once for all.
@@ -263,16 +287,24 @@ class _RichardsonLucy:
             x *= self.support
         return x
 
-    def correction(self, estimate, staged: bool = False, divergence: bool = False):
+    def correction(self, estimate, staged: bool = False, divergence: bool = False, sampled: bool = False):
         """``H^T (y / (H x + b))``, the RL correction before normalization (scratch memory).
 
         ``divergence`` also measures the I-divergence of the data from ``H x + b`` (in image
-        units, into ``self.divergence``) before the ratio overwrites the blurred estimate.
+        units, into ``self.divergence``) before the ratio overwrites the blurred estimate;
+        ``sampled`` measures it on every other voxel of the last two axes, at unit scale (into
+        ``self.sampled_divergence``): a quarter of the cost, for the automatic stop.
         """
         blurred = self.op.forward(estimate, staged=staged)
         if divergence:
             data = self.xp.multiply(self.image, self.image_scale, dtype=np.float32)
             self.divergence = i_divergence(data, blurred + self.background) * self.scale
+            del data
+        if sampled:
+            every_other = (Ellipsis,) + (slice(None, None, 2),) * min(2, blurred.ndim)
+            data = self.xp.multiply(self.image[every_other], self.image_scale, dtype=np.float32)
+            background = self.background if np.ndim(self.background) == 0 else self.background[every_other]
+            self.sampled_divergence = i_divergence(data, blurred[every_other] + background)
             del data
         self.be.rl_ratio(
             self.image, blurred, self.background, self.floor, self.image_scale, self.image_has_negatives
@@ -309,10 +341,16 @@ class _RichardsonLucy:
         xp.maximum(divergence, np.float32(0.1), out=divergence)
         return xp.reciprocal(divergence, out=divergence)
 
-    def run(self, num_iter: int, *, accelerate: bool, progress: bool, rule: StoppingRule):
+    def run(self, num_iter: int | str, *, accelerate: bool, progress: bool, rule: StoppingRule):
         from tqdm.auto import tqdm
 
         be = self.be
+        auto = num_iter == "auto"
+        limit = AUTO_MAX_ITER if auto else int(num_iter)
+        if auto and recorded("rl.iterations") is not None:
+            auto, limit = False, recorded("rl.iterations")  # a tile runs as many as its pilot
+        misfits: dict[int, float] = {}  # sampled I-divergence by iteration, for the auto stop
+        done = 0
         current = self.initial_estimate()
         self.support = None  # only the first estimate needed it
         if accelerate:
@@ -336,28 +374,29 @@ class _RichardsonLucy:
         if staged and not accelerate:
             be.copy(self.op.staging_buffer(), current)
         want_divergence = rule.needs_divergence
-        with tqdm(total=num_iter, desc="Richardson-Lucy", disable=not progress, leave=False) as bar:
-            for iteration in range(1, num_iter + 1):
+        with tqdm(total=limit, desc="Richardson-Lucy", disable=not progress, leave=False) as bar:
+            for iteration in range(1, limit + 1):
+                measure = auto and iteration % AUTO_WINDOW == 0
                 if rule.needs_change:
                     previous = self.op.restrict(current).copy()
                 if not accelerate:
                     if tv_factor is not None:
                         self.tv_factor(current, out=tv_factor)
-                    correction = self.correction(current, staged, want_divergence)
+                    correction = self.correction(current, staged, want_divergence, measure)
                     if tv_factor is not None:
                         correction *= tv_factor
-                    stage = self.op.staging_buffer() if staged and iteration < num_iter else None
+                    stage = self.op.staging_buffer() if staged and iteration < limit else None
                     be.rl_update(current, correction, self.normalization, current, stage)
                 else:
                     known_step = step if have_update else None
                     if staged:
                         be.predict(current, known_step, alpha, self.op.staging_buffer())
-                        correction = self.correction(None, True, want_divergence)
+                        correction = self.correction(None, True, want_divergence, measure)
                     else:
                         predicted = be.predict(current, known_step, alpha, be.empty(current.shape))
                         if tv_factor is not None:
                             self.tv_factor(predicted, out=tv_factor)
-                        correction = self.correction(predicted, False, want_divergence)
+                        correction = self.correction(predicted, False, want_divergence, measure)
                         del predicted
                     if tv_factor is not None:
                         correction *= tv_factor
@@ -373,12 +412,26 @@ class _RichardsonLucy:
                 if previous is not None:
                     change = _relative_change(self.op.restrict(current), previous, self.xp)
                 estimate = lambda: self.in_image_units(current)  # noqa: E731 - made only if asked for
+                done = iteration
                 if rule(iteration, estimate, change=change, divergence=self.divergence):
                     break
+                if measure and self._fit_has_levelled(misfits, iteration):
+                    break
+        if num_iter == "auto":
+            shared("rl.iterations", lambda: done)  # recorded by a pilot tile for the others
         if accelerate:
             del step, update_prev  # before the result is made: lower peak memory
         del tv_factor, previous
         return self.in_image_units(current)
+
+    def _fit_has_levelled(self, misfits: dict[int, float], iteration: int) -> bool:
+        """The automatic stop: the misfit fell by less than AUTO_PLATEAU of itself per iteration
+        over the last AUTO_WINDOW (both measured on the points the corrections were made at)."""
+        misfits[iteration] = self.sampled_divergence
+        earlier = misfits.get(iteration - AUTO_WINDOW)
+        if earlier is None:
+            return False
+        return earlier - misfits[iteration] < AUTO_PLATEAU * AUTO_WINDOW * misfits[iteration]
 
     def in_image_units(self, estimate):
         """The image-shaped part of an estimate in the image's units, clipped at zero (a new array)."""
