@@ -52,8 +52,15 @@ def skimage_wiener(image: np.ndarray, psf: np.ndarray, balance: float) -> np.nda
 
 
 def skimage_unsupervised_wiener(image: np.ndarray, psf: np.ndarray, seed: int = 0) -> np.ndarray:
-    """scikit-image's unsupervised Wiener (Orieux et al. 2010), unclipped, seeded."""
+    """scikit-image's unsupervised Wiener (Orieux et al. 2010), unclipped, seeded; 2-D only.
+
+    Its transforms and norms act on the last two axes (scikit-image 0.26), so a 3-D stack gets
+    one noise level per plane and fails; it is refused here with that reason instead.
+    """
     from skimage.restoration import unsupervised_wiener
+
+    if np.ndim(image) != 2:
+        raise PeerMissing("scikit-image's unsupervised_wiener is 2-D only")
 
     # it scales nothing itself: at unit peak its default priors are in range
     peak = float(image.max()) or 1.0

@@ -251,7 +251,7 @@ def guarded(name: str, origin: str, measure) -> dict:
     try:
         row = measure()
     except peers.PeerMissing as missing:
-        row = {"kind": "missing", "error": f"not installed: {missing}"}
+        row = {"kind": "missing", "error": str(missing)}  # not installed, or cannot run this case
     except Exception as error:  # a peer's failure is a result to report, not a crash
         first = str(error).splitlines()[0] if str(error) else ""
         row = {"kind": "failed", "error": f"{type(error).__name__}: {first}"[:200]}
@@ -417,7 +417,7 @@ def table(result: dict) -> str:
         for case in done:
             row = next(r for r in case["rows"] if r["method"] == name)
             if "error" in row:
-                cells.append("fails" if row["kind"] == "failed" else "missing")
+                cells.append("fails" if row["kind"] == "failed" else "n/a")
             else:
                 cells.append(f"{_num(row['default_psnr'], 2)} ({row['best_psnr']:.2f})")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -451,9 +451,9 @@ def table(result: dict) -> str:
         "Notes: scikit-image's wiener has no automatic balance, so its row is the best of a grid "
         f"({SKIMAGE_WIENER_GRID[0]:g} to {SKIMAGE_WIENER_GRID[-1]:g}, chosen with the truth) and "
         "its output is not clipped at zero. scikit-image's unsupervised_wiener is written for 2-D "
-        "images (its Fourier transforms and quadratic norms act on the last two axes), so on a 3-D "
+        "images (its Fourier transforms and quadratic norms act on the last two axes): on a 3-D "
         "volume its noise precision becomes one value per plane and it stops with a broadcast "
-        "error; a PSF zero-padded to the image shape fails the same way. RedLionfish's CPU RL is "
+        "error, so it is n/a here. RedLionfish's CPU RL is "
         "circulant at the image size (no padding), hence far cheaper per iteration. Peer times "
         "come from the checkpoint calls; microdecon's from a separate call with the default "
         "setting. The machine is shared, so times vary by 10-30%.",
