@@ -162,7 +162,7 @@ def overlap_for(psf: Any, method: str = "rl", num_iter: int | None = None) -> tu
     else:
         count = _default_iterations(method) if num_iter is None else num_iter
         if count == "auto":  # RL's automatic stop: as far as it may go
-            from .restore.richardson_lucy import AUTO_MAX_ITER
+            from .restore._stopping import AUTO_MAX_ITER
 
             count = AUTO_MAX_ITER
         count = int(count)

@@ -270,3 +270,58 @@ def test_step_limit_reflects_an_asymmetric_psf():
         landweber(image, psf, 3, step=1.95, boundary="reflect", device="cpu")
     assert np.isfinite(landweber(image, psf, 300, boundary="reflect", device="cpu")).all()
     assert gradient.LANDWEBER_STEP_FRACTION < 1
+
+
+def _low_photon_cell(seed=7, shape=(24, 64, 64)):
+    rng = np.random.default_rng(seed)
+    truth = md.data.phantom(shape, seed=seed)
+    psf = md.psf.gaussian((9, 11, 11), (2.0, 1.5, 1.5))
+    blurred = np.maximum(md.convolve(truth, psf, device="cpu"), 0)
+    scale = 30.0 / float(blurred.max())
+    image = (rng.poisson(blurred * scale + 10) + rng.normal(0, 2, blurred.shape)).astype(np.float32)
+    return image, psf, truth * scale
+
+
+def test_fista_auto_stops_before_it_fits_the_noise():
+    image, psf, truth = _low_photon_cell()
+    done = []
+    auto = md.deconvolve(
+        image,
+        psf,
+        "fista",
+        num_iter="auto",
+        background=10.0,
+        device="cpu",
+        callback=lambda i, e: done.append(i),
+    )
+    hundred = md.deconvolve(image, psf, "fista", num_iter=100, background=10.0, device="cpu")
+    data = psnr(truth, image - 10.0)
+    assert len(done) < 40
+    assert psnr(truth, auto) > data + 0.5 and psnr(truth, auto) > psnr(truth, hundred) + 0.5
+    landweber = []
+    md.deconvolve(
+        image,
+        psf,
+        "landweber",
+        num_iter="auto",
+        background=10.0,
+        device="cpu",
+        callback=lambda i, e: landweber.append(i),
+    )
+    assert 3 <= len(landweber) <= 100
+
+
+def test_fista_tiles_run_as_many_iterations_as_their_pilot():
+    from microdecon import tiling
+    from microdecon._tile_model import applying
+
+    image, psf, _ = _low_photon_cell(seed=8, shape=(12, 96, 90))
+    tile_shape = (None, 48, 45)
+    params = {"num_iter": "auto", "background": 10.0}
+    tile_plan = tiling.plan(image.shape, psf, "fista", tile_shape=tile_shape, num_iter="auto")
+    model = tiling._measure_model(image, psf, fista, tile_plan, params, "cpu")
+    assert 3 <= model.values["fista.iterations"] < 100
+    with applying(model):
+        whole = fista(image, psf, device="cpu", **params)
+    tiled = md.deconvolve(image, psf, "fista", tile_shape=tile_shape, device="cpu", **params)
+    assert float(np.abs(tiled - whole).max() / whole.max()) < 1e-3

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import microdecon as md
+from microdecon.restore._stopping import AUTO_MAX_ITER
 
 from .conftest import psnr, to_numpy
 
@@ -469,7 +470,7 @@ def test_auto_stops_early_on_noisy_data_and_late_on_clean_data():
     noisy, noisy_count = _auto_run(image, psf)
     bright_image, _, bright_truth = _photon_problem(3000)
     bright, bright_count = _auto_run(bright_image, psf)
-    assert 6 <= noisy_count < bright_count <= rl_module.AUTO_MAX_ITER
+    assert 6 <= noisy_count < bright_count <= AUTO_MAX_ITER
     # near the best count in hindsight on both (measured: 0.1 and 0.5 dB below it), where one
     # fixed count for both (30) lost 1.6 dB on each
     for data, truth_, auto in ((image, truth, noisy), (bright_image, bright_truth, bright)):

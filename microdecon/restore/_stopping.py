@@ -5,6 +5,9 @@ Every iterative method takes ``num_iter`` (the most iterations it runs), ``tol``
 and builds one :class:`StoppingRule` from them; after each iteration it calls the rule with the
 numbers it has at hand. Quantities a callback may ask for (the relative change, the I-divergence)
 are computed only when some rule needs them, so an unmonitored run pays nothing.
+
+``num_iter="auto"`` (RL's and FISTA's default) stops when the misfit of the data levels off
+(:class:`Plateau`): past that point an iteration mostly fits the noise.
 """
 
 from __future__ import annotations
@@ -15,8 +18,67 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import _validate
+from .._tile_model import recorded, shared
 
-__all__ = ["IterationInfo", "StoppingRule"]
+__all__ = ["IterationInfo", "Plateau", "StoppingRule", "check_num_iter"]
+
+#: ``num_iter="auto"``: stop once the misfit of the data (RL: the Poisson I-divergence; FISTA: the
+#: squared residual) falls by less than AUTO_PLATEAU of itself per iteration, averaged over
+#: AUTO_WINDOW iterations, at two checks in a row, or after AUTO_MAX_ITER. Measured on 11
+#: problems (beads, filaments and cells; widefield, measured light-sheet and Gaussian PSFs; 40 to
+#: 1000 photons; the bundled sample): accelerated RL came within 0.35 dB of its best iteration
+#: on 8 and 1.2 dB below 30 fixed iterations on one, where 30 fixed iterations lost up to 20 dB
+#: (bright beads) and 1.7 dB (40 photons); FISTA stopped near its best at 40 photons, where 100
+#: iterations ended below the data. The ratio does not change with the camera's gain.
+AUTO_PLATEAU = 4e-4
+AUTO_WINDOW = 3
+AUTO_MAX_ITER = 100
+
+
+def check_num_iter(num_iter: Any) -> int | str:
+    """``num_iter`` as an int >= 0 or "auto" (a ValueError/TypeError naming it otherwise)."""
+    if isinstance(num_iter, str):
+        return _validate.check_choice(num_iter, "num_iter", ("auto",))
+    return _validate.check_int(num_iter, "num_iter", minimum=0)
+
+
+class Plateau:
+    """The automatic stop of ``num_iter="auto"``, for a run recorded under ``name``.
+
+    ``limit`` is how many iterations to allow: AUTO_MAX_ITER, or, for a tile of a volume, as many
+    as the tile the model was measured on ran (so that every tile computes the same thing). Each
+    AUTO_WINDOW-th iteration the method measures its misfit (``wants``) and asks ``reached``;
+    ``finish`` records how many ran, for the other tiles.
+
+    Examples
+    --------
+    >>> plateau = Plateau("example.iterations")
+    >>> [plateau.reached(i, m) for i, m in ((3, 10.0), (6, 9.0), (9, 8.9999), (12, 8.9998))]
+    [False, False, False, True]
+    """
+
+    def __init__(self, name: str):
+        self.name = name
+        count = recorded(name)
+        self.active = count is None
+        self.limit = AUTO_MAX_ITER if count is None else int(count)
+        self.misfits: dict[int, float] = {}
+        self.levels = 0  # checks in a row that found the misfit level
+
+    def wants(self, iteration: int) -> bool:
+        return self.active and iteration % AUTO_WINDOW == 0
+
+    def reached(self, iteration: int, misfit: float) -> bool:
+        """Whether the misfit has levelled off at two checks in a row (one alone may be a bump:
+        FISTA's momentum can raise its residual for an iteration or two)."""
+        self.misfits[iteration] = misfit
+        earlier = self.misfits.get(iteration - AUTO_WINDOW)
+        level = earlier is not None and earlier - misfit < AUTO_PLATEAU * AUTO_WINDOW * misfit
+        self.levels = self.levels + 1 if level else 0
+        return self.levels >= 2
+
+    def finish(self, done: int) -> None:
+        shared(self.name, lambda: done)
 
 
 @dataclass(frozen=True)

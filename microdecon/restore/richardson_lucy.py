@@ -41,10 +41,10 @@ import numpy as np
 
 from .. import _validate
 from .._backend import Backend, get_backend, return_like
-from .._tile_model import in_force, recorded, reused, shared, shared_step
+from .._tile_model import in_force, reused, shared, shared_step
 from ..metrics import i_divergence
 from ..operators import Boundary, Convolution
-from ._stopping import StoppingRule
+from ._stopping import Plateau, StoppingRule, check_num_iter
 
 __all__ = ["richardson_lucy", "richardson_lucy_tv"]
 
@@ -52,16 +52,6 @@ __all__ = ["richardson_lucy", "richardson_lucy_tv"]
 #: zero: they are too weakly constrained by the data to estimate ("non-circulant" margins).
 MIN_VISIBLE_FRACTION = 1e-3
 
-#: ``num_iter="auto"``: RL stops once the I-divergence of the data from the model falls by less
-#: than AUTO_PLATEAU of itself per iteration (averaged over AUTO_WINDOW iterations), or after
-#: AUTO_MAX_ITER. Measured on 11 problems (beads, filaments and cells; widefield, measured
-#: light-sheet and Gaussian PSFs; 40 to 1000 photons; the bundled sample): accelerated RL came
-#: within 0.3 dB of its best iteration on 8 and 0.5 dB below 30 fixed iterations on one, where
-#: 30 fixed iterations lost up to 20 dB (bright beads) and 1.7 dB (40 photons). The ratio does
-#: not change with the camera's gain.
-AUTO_PLATEAU = 4e-4
-AUTO_WINDOW = 3
-AUTO_MAX_ITER = 100
 
 #: Share of the flat mean in the first estimate (the rest is the observed image): starting from
 #: the data saves iterations, and the flat share keeps every voxel positive.
@@ -107,8 +97,8 @@ def richardson_lucy(
         image), centre at index ``n // 2``, non-negative; normalized to sum 1 here.
     num_iter : int >= 0, or "auto"
         Most iterations to run. "auto" (the default) runs until the fit to the data stops
-        improving, at most AUTO_MAX_ITER (100): when the Poisson misfit (I-divergence) of the
-        data falls by less than AUTO_PLATEAU (4e-4) of itself per iteration, averaged over 3,
+        improving, at most 100: when the Poisson misfit (I-divergence) of the data falls by
+        less than 4e-4 of itself per iteration, averaged over 3 (see ``_stopping.Plateau``),
         further iterations mostly fit the noise. Noisy data so stop early (15-20 iterations at
         40 photons), clean data late (40-80). A number runs exactly that many (unless ``tol`` or
         ``callback`` stop it); with ``accelerate=True`` 10-50 is typical, plain RL needs several
@@ -225,13 +215,6 @@ def _load_poisson_data(solver: Any, be: Backend, image: Any, background: Any) ->
     solver.floor = np.float32(1e-6)
 
 
-def check_num_iter(num_iter: Any) -> int | str:
-    """``num_iter`` as an int >= 0 or "auto" (a ValueError/TypeError naming it otherwise)."""
-    if isinstance(num_iter, str):
-        return _validate.check_choice(num_iter, "num_iter", ("auto",))
-    return _validate.check_int(num_iter, "num_iter", minimum=0)
-
-
 def _normalization(op: Convolution):
     """``1 / H^T 1`` where the image sees at least MIN_VISIBLE_FRACTION of a voxel's light, 0
     elsewhere; None where ``H^T 1 == 1`` (periodic, or reflect with a symmetric PSF). Made in
@@ -345,11 +328,8 @@ class _RichardsonLucy:
         from tqdm.auto import tqdm
 
         be = self.be
-        auto = num_iter == "auto"
-        limit = AUTO_MAX_ITER if auto else int(num_iter)
-        if auto and recorded("rl.iterations") is not None:
-            auto, limit = False, recorded("rl.iterations")  # a tile runs as many as its pilot
-        misfits: dict[int, float] = {}  # sampled I-divergence by iteration, for the auto stop
+        plateau = Plateau("rl.iterations") if num_iter == "auto" else None
+        limit = plateau.limit if plateau is not None else int(num_iter)
         done = 0
         current = self.initial_estimate()
         self.support = None  # only the first estimate needed it
@@ -376,7 +356,7 @@ class _RichardsonLucy:
         want_divergence = rule.needs_divergence
         with tqdm(total=limit, desc="Richardson-Lucy", disable=not progress, leave=False) as bar:
             for iteration in range(1, limit + 1):
-                measure = auto and iteration % AUTO_WINDOW == 0
+                measure = plateau is not None and plateau.wants(iteration)
                 if rule.needs_change:
                     previous = self.op.restrict(current).copy()
                 if not accelerate:
@@ -415,23 +395,14 @@ class _RichardsonLucy:
                 done = iteration
                 if rule(iteration, estimate, change=change, divergence=self.divergence):
                     break
-                if measure and self._fit_has_levelled(misfits, iteration):
+                if measure and plateau.reached(iteration, self.sampled_divergence):
                     break
-        if num_iter == "auto":
-            shared("rl.iterations", lambda: done)  # recorded by a pilot tile for the others
+        if plateau is not None:
+            plateau.finish(done)  # recorded by a pilot tile for the others
         if accelerate:
             del step, update_prev  # before the result is made: lower peak memory
         del tv_factor, previous
         return self.in_image_units(current)
-
-    def _fit_has_levelled(self, misfits: dict[int, float], iteration: int) -> bool:
-        """The automatic stop: the misfit fell by less than AUTO_PLATEAU of itself per iteration
-        over the last AUTO_WINDOW (both measured on the points the corrections were made at)."""
-        misfits[iteration] = self.sampled_divergence
-        earlier = misfits.get(iteration - AUTO_WINDOW)
-        if earlier is None:
-            return False
-        return earlier - misfits[iteration] < AUTO_PLATEAU * AUTO_WINDOW * misfits[iteration]
 
     def in_image_units(self, estimate):
         """The image-shaped part of an estimate in the image's units, clipped at zero (a new array)."""
