@@ -103,11 +103,34 @@ def return_freed_memory() -> None:
 
 
 def cpu_count() -> int:
-    """Cores this process may use (respects affinity masks set by batch schedulers)."""
+    """Threads for the CPU transforms: the cores this process may use (affinity masks set by batch
+    schedulers are respected), or fewer where ``MICRODECON_THREADS`` (else ``OMP_NUM_THREADS``,
+    which HPC job scripts often set) says so. Read when an FFT plan is made (plans are cached
+    per shape). Fewer threads serve when other jobs share the cores: a transform split over
+    every core waits for its slowest part.
+
+    Examples
+    --------
+    >>> import os
+    >>> os.environ["MICRODECON_THREADS"] = "1"
+    >>> cpu_count()
+    1
+    >>> del os.environ["MICRODECON_THREADS"]
+    """
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - macOS / Windows
-        return max(1, os.cpu_count() or 1)
+        cores = max(1, os.cpu_count() or 1)
+    for name in ("MICRODECON_THREADS", "OMP_NUM_THREADS"):
+        value = os.environ.get(name, "").strip()
+        if not value:
+            continue
+        if name == "OMP_NUM_THREADS":
+            value = value.split(",")[0]  # OpenMP allows a list per nesting level
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"the environment variable {name} must be a whole number >= 1, got {value!r}")
+        return min(cores, int(value))
+    return cores
 
 
 # --------------------------------------------------------------------------------------------

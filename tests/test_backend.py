@@ -210,3 +210,18 @@ def test_fftw_wisdom_is_kept_for_the_next_process():
     )
     loaded = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True, check=True).stdout
     assert set(saved[1].decode().split("\n")) <= set(loaded.split("\n"))  # FFTW may reorder entries
+
+
+def test_thread_count_follows_the_environment(monkeypatch):
+    from microdecon._backend import cpu_count
+
+    monkeypatch.delenv("MICRODECON_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cores = cpu_count()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1,1")  # OpenMP's per-level list: the first counts
+    assert cpu_count() == 1
+    monkeypatch.setenv("MICRODECON_THREADS", str(cores + 5))  # ours wins, capped at the cores
+    assert cpu_count() == cores
+    monkeypatch.setenv("MICRODECON_THREADS", "two")
+    with pytest.raises(ValueError, match="MICRODECON_THREADS"):
+        cpu_count()
