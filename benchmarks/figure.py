@@ -18,10 +18,17 @@ import microdecon as md  # noqa: E402
 def main(path: str) -> None:
     sample = md.data.sample()
     observed = sample.image.astype(np.float32) - sample.background
-    restored = md.richardson_lucy(sample.image, sample.psf, 30, background=sample.background, device="cpu")
+    iterations = []  # the default stops by itself: say where
+    restored = md.richardson_lucy(
+        sample.image,
+        sample.psf,
+        background=sample.background,
+        device="cpu",
+        callback=lambda i, estimate: iterations.append(i),
+    )
     panels = [
         ("observed", observed),
-        ("microdecon RL, 30 iterations", restored),
+        (f"microdecon RL (default: {len(iterations)} iterations)", restored),
         ("ground truth", sample.truth),
     ]
     figure, axes = plt.subplots(2, 3, figsize=(10.5, 5.6), gridspec_kw={"height_ratios": [128, 80]})
