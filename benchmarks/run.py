@@ -1,6 +1,15 @@
-"""microdecon against scikit-image on one 3-D problem: speed, peak memory and quality.
+"""Every benchmark in one run: microdecon beside its peers on speed, memory and quality.
 
     python benchmarks/run.py [--quick] [--output DIR]
+
+--quick finishes in under two minutes on 2 CPU cores. It writes four tables, each as
+Markdown and JSON with the machine, versions and date; each also runs alone:
+- results: this script's RL speed/memory/quality table, described below;
+- quality (benchmarks/quality.py): every method on one phantom, best PSNR/SSIM and where;
+- scaling (benchmarks/scaling.py): time per iteration and peak memory against volume size,
+  beside scikit-image, RedLionfish and (on a GPU) cuCIM, with the FFT floor; log-log plots;
+- phantoms (benchmarks/phantoms.py): beads, filaments and a cell, model and measured PSFs,
+  high and low photon counts; PSNR/SSIM against iteration plots.
 
 The problem: a cell-like phantom (64 x 256 x 256; 32 x 128 x 128 with --quick) blurred by a
 widefield PSF (1.2 NA water, 520 nm, voxel 0.2 x 0.1 x 0.1 um, 31 x 31 x 31), Poisson noise at
@@ -9,8 +18,6 @@ memory is its own: the high-water mark of resident memory during the first call,
 resident before (the input is already there and is not counted; FFT plans made during the call
 are). Time per iteration is the best wall time of two more calls over their iterations; the FFT
 floor is the best time of the four real FFTs one RL iteration needs at the padded size.
-Results go to DIR/results.md and DIR/results.json; then benchmarks/quality.py adds the quality of
-every method (DIR/quality.md and .json).
 """
 
 from __future__ import annotations
@@ -30,7 +37,9 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-import quality  # noqa: E402  (benchmarks/quality.py, beside this script)
+import phantoms  # noqa: E402  (benchmarks/*.py, beside this script)
+import quality  # noqa: E402
+import scaling  # noqa: E402
 
 import microdecon as md  # noqa: E402
 from microdecon import _backend  # noqa: E402
@@ -331,9 +340,15 @@ def main(argv=None) -> int:
     output.mkdir(parents=True, exist_ok=True)
     (output / "results.md").write_text(table + "\n")
     (output / "results.json").write_text(json.dumps(results, indent=1, default=float))
-    # every method's quality on one phantom (benchmarks/quality.py, also runnable alone)
-    print("running the quality table ...", file=sys.stderr, flush=True)
-    return quality.main(["--output", str(output)] + (["--quick"] if args.quick else []))
+    # the other tables, each also runnable alone: every method's quality on one phantom, time and
+    # memory against volume size beside the peers, and quality on beads, filaments and cells
+    quick = ["--quick"] if args.quick else []
+    codes = []
+    for name, module in (("quality", quality), ("scaling", scaling), ("phantoms", phantoms)):
+        print(f"running the {name} table ...", file=sys.stderr, flush=True)
+        codes.append(module.main(["--output", str(output), *quick]))
+    print(f"results in {output}: results, quality, scaling and phantoms (.md, .json, .png)", file=sys.stderr)
+    return max(codes)
 
 
 if __name__ == "__main__":
