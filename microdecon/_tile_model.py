@@ -139,16 +139,20 @@ def reused(key: Any, make: Callable[[], T], entries: int = 2) -> T:
 
     For things every tile computes alike and that are too large to travel with the record, such
     as an OTF: they live with the model in this process only (a pickled model arrives without
-    them), at most ``entries`` at a time, and go with the model. Outside a model: ``make()``.
+    them), at most ``entries`` of a kind (a tuple key's first item) at a time, and go with the
+    model. Outside a model: ``make()``.
     """
     state = _ACTIVE.get()
     if state is None:
         return make()
     model = state[1]
+    kind = key[0] if isinstance(key, tuple) and key else key
     with model._lock:  # tiles restored by threads of one process make it once
         if key not in model._reused:
-            while len(model._reused) >= entries:
-                model._reused.pop(next(iter(model._reused)))
+            # the oldest of the same kind make room: one kind's turnover keeps the others
+            alike = [k for k in model._reused if (k[0] if isinstance(k, tuple) and k else k) == kind]
+            for old in alike[: max(0, len(alike) - entries + 1)]:
+                del model._reused[old]
             model._reused[key] = make()
         return model._reused[key]
 

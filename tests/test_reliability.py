@@ -21,11 +21,13 @@ from microdecon.restore import METHODS
 # name -> (function, keyword arguments kept small for speed)
 CALLS = {
     "richardson_lucy": (md.richardson_lucy, dict(num_iter=3)),
+    "richardson_lucy_auto": (md.richardson_lucy, {}),  # stops by itself (up to 100 iterations)
     "richardson_lucy_tv": (md.restore.richardson_lucy_tv, dict(num_iter=3)),
     "blind_richardson_lucy": (md.restore.blind_richardson_lucy, dict(num_iter=2)),
     "wiener": (md.wiener, dict(balance=1e-2)),
     "wiener_auto": (md.wiener, {}),
     "tikhonov": (md.tikhonov, dict(balance=1e-2)),
+    "tikhonov_auto": (md.tikhonov, {}),
     "inverse": (md.inverse, {}),
     "landweber": (md.landweber, dict(num_iter=3)),
     "fista": (md.fista, dict(num_iter=3)),
