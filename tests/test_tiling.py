@@ -342,10 +342,10 @@ def test_tiles_of_one_volume_share_one_otf_and_normalization_in_a_process(monkey
     # the record travels without them (they are large and this process's)
     assert pickle.loads(pickle.dumps(model))._reused == {}
     # a tiled run makes the OTF once, although its kinds of cached things turn over apart
+    image, _ = _data((8, 200, 200), (5, 9, 9))
     made = []
     real = Convolution._make_otf
     monkeypatch.setattr(Convolution, "_make_otf", lambda self, p: made.append(1) or real(self, p))
-    image, _ = _data((8, 200, 200), (5, 9, 9))
     md.deconvolve(image, psf, "rl", num_iter=2, tile_shape=(None, 50, 50), device="cpu")
     assert len(made) == 1
     # (that tiles restored so equal the whole volume is tested above, for every method)
