@@ -31,6 +31,7 @@ import struct
 import sys
 import tempfile
 import uuid
+import weakref
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 from typing import Any
@@ -225,7 +226,26 @@ def _lazy_tiff(tif: Any, series: Any, path: Path) -> Any:
     source = _TiffSource(tif, series, path)
     name = "imread-" + tokenize(*source.token)
     meta = np.empty((0,) * len(source.shape), source.dtype)
+    _SOURCES[name] = source
     return da.from_array(source, chunks=source.chunks, name=name, lock=False, meta=meta)
+
+
+#: The readers behind the lazy TIFF arrays ``imread`` made, by their Dask names (while the
+#: arrays live): see :func:`region_source`.
+_SOURCES: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def region_source(array: Any) -> Any | None:
+    """The file reader behind a lazy array from ``imread(..., lazy=True)`` that is still as it
+    was returned (not sliced, transposed or computed on), or None.
+
+    Indexing it with a tuple of slices reads that region straight from the file: each plane
+    once, and of a tiled TIFF only the tiles the region touches. The tiler reads each tile's
+    region so: through the Dask chunks, neighbouring tiles' overlaps read the chunks they share
+    again (six times over, for 342-pixel tiles on 512-pixel chunks), one task per chunk.
+    """
+    name = getattr(array, "name", None)
+    return _SOURCES.get(name) if isinstance(name, str) else None
 
 
 class _TiffSource:

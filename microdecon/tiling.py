@@ -622,12 +622,25 @@ class _Region:
     stack, held rows of the whole input in memory).
     """
 
-    __slots__ = ("part",)
+    __slots__ = ("part", "reader", "box")
 
-    def __init__(self, part: Any):
-        self.part = part
+    def __init__(self, part: Any, reader: Any = None, box: tuple[slice, ...] | None = None):
+        self.part, self.reader, self.box = part, reader, box
+
+    @classmethod
+    def of(cls, source: Any, read: tuple[slice, ...]) -> _Region:
+        """``source[read]``, read straight from its file where the source is an untouched lazy
+        TIFF from ``io.imread`` (one pass, not one task per chunk; see ``io.region_source``)."""
+        from .io import region_source
+
+        reader = region_source(source) if _is_dask(source) else None
+        if reader is not None:
+            return cls(None, reader, read)
+        return cls(source[read])
 
     def load(self):
+        if self.reader is not None:
+            return self.reader[self.box]
         if _is_dask(self.part):
             return self.part.compute(scheduler="synchronous")
         return self.part
@@ -682,7 +695,7 @@ def _tile_graph(
         if done and index in done:
             blocks[index] = da.from_array(done[index], chunks=done[index].shape, meta=meta)
             continue
-        task = restore(_Region(source[read]), core, function, host_psf, model, device, params, fallback)
+        task = restore(_Region.of(source, read), core, function, host_psf, model, device, params, fallback)
         shape = tuple(c.stop - c.start for c in core)
         blocks[index] = da.from_delayed(task, shape=shape, dtype=np.float32, meta=meta)
     return da.block(blocks.tolist())
@@ -755,7 +768,7 @@ def _pilot(image, psf, function, tile_plan: TilePlan, params: dict, device: str,
     source = _padded_source(image, tile_plan, boundary)
     central = tuple(k // 2 for k in tile_plan.grid)
     read, core = next((read, core) for index, read, core in _regions(tile_plan, boundary) if index == central)
-    region = _Region(source[read]).load()
+    region = _Region.of(source, read).load()
     largest = _largest_piece(tile_plan, boundary)
     with recording(TileModel({"tile.largest_shape": largest})) as model:
         result = _on_device_or_cpu(function, region, psf, device, params, fallback)

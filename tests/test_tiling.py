@@ -349,3 +349,30 @@ def test_tiles_of_one_volume_share_one_otf_and_normalization_in_a_process(monkey
     md.deconvolve(image, psf, "rl", num_iter=2, tile_shape=(None, 50, 50), device="cpu")
     assert len(made) == 1
     # (that tiles restored so equal the whole volume is tested above, for every method)
+
+
+def test_tiles_of_a_lazy_tiff_read_their_regions_straight_from_the_file(tmp_path, monkeypatch):
+    import tifffile
+
+    from microdecon import io
+
+    image, psf = _data((6, 300, 260), (5, 9, 9))
+    path = tmp_path / "stack.tif"
+    tifffile.imwrite(path, image, tile=(64, 64), photometric="minisblack")
+    lazy, _ = io.imread(path, lazy=True)
+    assert io.region_source(lazy) is not None and io.region_source(lazy + 0) is None
+    reads = []
+    real = type(io.region_source(lazy))._read
+    monkeypatch.setattr(
+        type(io.region_source(lazy)), "_read", lambda self, box: reads.append(box) or real(self, box)
+    )
+    options = {"num_iter": 3, "tile_shape": (None, 100, 100), "device": "cpu"}
+    direct = md.deconvolve(lazy, psf, "rl", **options).compute(scheduler="synchronous")
+    tiles = tiling.plan(lazy.shape, psf, "rl", num_iter=3, tile_shape=(None, 100, 100)).tiles
+    assert len(reads) == tiles  # one read per tile (the pilot's result is kept), not one per chunk
+    # the same numbers as reading through the Dask chunks (an array that is no longer imread's)
+    chunked = md.deconvolve(lazy.map_blocks(lambda b: b), psf, "rl", **options).compute(
+        scheduler="synchronous"
+    )
+    np.testing.assert_array_equal(direct, chunked)
+    np.testing.assert_allclose(direct, md.deconvolve(image, psf, "rl", **options), rtol=1e-6, atol=1e-5)
