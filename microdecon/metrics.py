@@ -84,18 +84,17 @@ def ssim(reference: Any, estimate: Any, *, data_range: float | None = None) -> f
 def i_divergence(image: Any, model: Any) -> float:
     """Csiszár's I-divergence ``sum(y log(y / m) - y + m)`` of data ``y`` from a model ``m``.
 
-        The Poisson negative log-likelihood of ``y`` given mean ``m``, less its minimum: 0 when
-        ``m == y``, positive otherwise. ``0 log 0`` counts as 0; model values are floored at 1e-12
-        times the data's maximum inside the logarithm, so that an empty model voxel under signal costs
-    a lot, not infinity.
-        Computed on the arrays' device.
+    The Poisson negative log-likelihood of ``y`` given mean ``m``, less its minimum: 0 when
+    ``m == y``, positive otherwise. ``0 log 0`` counts as 0; model values are floored at 1e-12
+    times the data's maximum inside the logarithm, so that an empty model voxel under signal
+    costs a lot, not infinity. Computed on the arrays' device.
 
-        Examples
-        --------
-        >>> import numpy as np
-        >>> y = np.array([1.0, 2.0, 0.0])
-        >>> i_divergence(y, y), round(i_divergence(y, np.array([2.0, 2.0, 1.0])), 4)
-        (0.0, 1.3069)
+    Examples
+    --------
+    >>> import numpy as np
+    >>> y = np.array([1.0, 2.0, 0.0])
+    >>> i_divergence(y, y), round(i_divergence(y, np.array([2.0, 2.0, 1.0])), 4)
+    (0.0, 1.3069)
     """
     be, y, m = _pair(image, model)
     xp = be.xp
@@ -104,5 +103,7 @@ def i_divergence(image: Any, model: Any) -> float:
         m = xp.maximum(m, 0)
         floored = xp.maximum(m, 1e-12 * max(float(y.max()), 1e-300))
         positive = y > 0
-        log_term = xp.where(positive, y * xp.log(xp.where(positive, y, 1) / floored), 0)
+        # where y is 0 the term is 0: divide 1 by 1 there, not by a floored model (overflow)
+        ratio = xp.where(positive, y, 1) / xp.where(positive, floored, 1)
+        log_term = xp.where(positive, y * xp.log(ratio), 0)
         return float(xp.sum(log_term - y + m))

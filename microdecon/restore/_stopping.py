@@ -13,6 +13,7 @@ are computed only when some rule needs them, so an unmonitored run pays nothing.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -71,9 +72,12 @@ class Plateau:
     def reached(self, iteration: int, misfit: float) -> bool:
         """Whether the misfit has levelled off at two checks in a row (one alone may be a bump:
         FISTA's momentum can raise its residual for an iteration or two)."""
+        if not math.isfinite(misfit):  # nothing to judge by (data beyond float32's range)
+            self.levels = 0
+            return False
         self.misfits[iteration] = misfit
         earlier = self.misfits.get(iteration - AUTO_WINDOW)
-        level = earlier is not None and earlier - misfit < AUTO_PLATEAU * AUTO_WINDOW * misfit
+        level = earlier is not None and earlier - misfit <= AUTO_PLATEAU * AUTO_WINDOW * misfit
         self.levels = self.levels + 1 if level else 0
         return self.levels >= 2
 

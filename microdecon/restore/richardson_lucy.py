@@ -285,9 +285,10 @@ class _RichardsonLucy:
             del data
         if sampled:
             every_other = (Ellipsis,) + (slice(None, None, 2),) * min(2, blurred.ndim)
-            data = self.xp.multiply(self.image[every_other], self.image_scale, dtype=np.float32)
             background = self.background if np.ndim(self.background) == 0 else self.background[every_other]
-            self.sampled_divergence = i_divergence(data, blurred[every_other] + background)
+            with np.errstate(over="ignore", invalid="ignore"):  # a non-finite misfit stops nothing
+                data = self.xp.multiply(self.image[every_other], self.image_scale, dtype=np.float32)
+                self.sampled_divergence = i_divergence(data, blurred[every_other] + background)
             del data
         self.be.rl_ratio(
             self.image, blurred, self.background, self.floor, self.image_scale, self.image_has_negatives
