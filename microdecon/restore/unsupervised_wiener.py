@@ -504,7 +504,13 @@ def unsupervised_wiener(
     reg : array_like, optional
         Impulse response of the prior's high-pass operator ``D`` (one axis per image axis, any
         size, centre at ``n // 2``, any sign; its scale does not matter, the prior precision
-        absorbs it). Default: the discrete Laplacian, which favours smooth objects.
+        absorbs it). Default: the discrete Laplacian, which favours smooth objects. On bright
+        3-D widefield data it leaves the low frequencies near the OTF's missing cone almost
+        unregularized, and the result can fall below the data (filaments at 1000 photons: 26.6
+        dB against 30.9). Adding the identity to it, ``reg = laplacian_kernel(3)`` with 1 added
+        at its centre, restored those cases above the data (33.8 dB there, +1.3 to +3 dB on
+        four widefield problems), at the cost of smoothing more where the OTF is strong (a 1-D
+        box blur lost 4 dB); hence not the default.
     boundary : {"non-circulant", "periodic", "reflect"}
         How the image is extended to the FFT grid, as for :func:`~microdecon.wiener`:
         "periodic" not at all; the others mirror it, faded to its mean where the grid wraps.
