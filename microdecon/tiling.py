@@ -29,6 +29,7 @@ result equals the whole volume restored under that model to within 1e-3 of its m
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,7 +39,7 @@ import numpy as np
 from . import _validate
 from ._tile_model import TileModel, applying, recording
 
-__all__ = ["TilePlan", "deconvolve", "overlap_for", "plan", "working_set_bytes"]
+__all__ = ["TilePlan", "deconvolve", "overlap_for", "plan", "tiles_at_once", "working_set_bytes"]
 
 #: Peak memory of one run of each method, in float32 arrays the size of its FFT grid (measured
 #: with tracemalloc on 3-D stacks in every boundary mode, with ~15% to spare). The tile's input
@@ -366,7 +367,8 @@ def plan(
                     f"or tile_shape='auto'"
                 )
             grid.append(count)
-        return make(tuple(grid), None)
+        # a limit given beside the tiles says how many of them may be restored at once
+        return make(tuple(grid), _memory_budget(memory_limit, device) if memory_limit is not None else None)
     if tile_shape != "auto":
         raise ValueError(f"tile_shape must be 'auto', None or one size per axis, got {tile_shape!r}")
 
@@ -691,28 +693,63 @@ def _tile_graph(
         meta = source[(slice(0, 0),) * source.ndim].astype(np.float32)
     blocks = np.empty(tile_plan.grid, dtype=object)
     restore = dask.delayed(_restore_region, pure=False)
+    at_once = tiles_at_once(tile_plan)
     for index, read, core in _regions(tile_plan, boundary):
         if done and index in done:
             blocks[index] = da.from_array(done[index], chunks=done[index].shape, meta=meta)
             continue
-        task = restore(_Region.of(source, read), core, function, host_psf, model, device, params, fallback)
+        task = restore(
+            _Region.of(source, read), core, function, host_psf, model, device, params, fallback, at_once
+        )
         shape = tuple(c.stop - c.start for c in core)
         blocks[index] = da.from_delayed(task, shape=shape, dtype=np.float32, meta=meta)
     return da.block(blocks.tolist())
 
 
-def _restore_region(region: _Region, core, function, psf, model, device, params, fallback=True):
+def tiles_at_once(tile_plan: TilePlan) -> int:
+    """How many of the plan's tiles one process may restore at the same time: as many as its
+    memory limit holds (one, for a plan that sized its tiles to the limit).
+
+    Dask's threaded scheduler (and each threaded worker of a cluster) starts a task per core;
+    unchecked, a 16-core machine would restore 16 tiles at once in memory planned for one, and
+    their FFTs would fight over the cores. The tiles wait for a slot instead.
+
+    Examples
+    --------
+    >>> tiles_at_once(plan((64, 4096, 4096), (15, 11, 11), "rl", num_iter=10, memory_limit="512MB"))
+    1
+    """
+    if not tile_plan.memory_limit or tile_plan.bytes_per_tile <= 0:
+        return 1
+    return max(1, int(tile_plan.memory_limit // tile_plan.bytes_per_tile))
+
+
+_SLOTS: dict[int, threading.BoundedSemaphore] = {}
+_SLOTS_LOCK = threading.Lock()
+
+
+def _slot(at_once: int) -> threading.BoundedSemaphore:
+    """This process's gate for tiles of plans that allow ``at_once`` of them at a time."""
+    with _SLOTS_LOCK:
+        if at_once not in _SLOTS:
+            _SLOTS[at_once] = threading.BoundedSemaphore(at_once)
+        return _SLOTS[at_once]
+
+
+def _restore_region(region: _Region, core, function, psf, model, device, params, fallback=True, at_once=1):
     """One tile: read its region, restore it (under the shared model), keep its core.
 
-    A tile that runs out of a GPU's memory is restored on the CPU instead, with a warning: the
-    same model, so the same result to float32 rounding.
+    At most ``at_once`` tiles run at a time in a process (see :func:`tiles_at_once`). A tile
+    that runs out of a GPU's memory is restored on the CPU instead, with a warning: the same
+    model, so the same result to float32 rounding.
     """
     import contextlib
 
-    data = region.load()
-    with applying(model) if model is not None else contextlib.nullcontext():
-        result = _on_device_or_cpu(function, data, psf, device, params, fallback)
-    return result[core]
+    with _slot(at_once):
+        data = region.load()
+        with applying(model) if model is not None else contextlib.nullcontext():
+            result = _on_device_or_cpu(function, data, psf, device, params, fallback)
+        return result[core]
 
 
 def _on_device_or_cpu(function, data, psf, device, params, fallback=True):

@@ -376,3 +376,38 @@ def test_tiles_of_a_lazy_tiff_read_their_regions_straight_from_the_file(tmp_path
     )
     np.testing.assert_array_equal(direct, chunked)
     np.testing.assert_allclose(direct, md.deconvolve(image, psf, "rl", **options), rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("memory_limit, expected", [(None, 1), ("400MB", None)])
+def test_threaded_schedulers_restore_no_more_tiles_at_once_than_memory_allows(
+    monkeypatch, memory_limit, expected
+):
+    import threading
+    import time
+
+    image, psf = _data((8, 96, 96), (3, 5, 5))
+    options = {"num_iter": 2, "device": "cpu", "tile_shape": (None, 32, 32), "memory_limit": memory_limit}
+    tile_plan = tiling.plan(
+        image.shape, psf, "rl", num_iter=2, tile_shape=(None, 32, 32), memory_limit=memory_limit
+    )
+    allowed = tiling.tiles_at_once(tile_plan) if expected is None else expected
+    assert allowed >= 1 and (expected is not None or allowed > 1)
+    running, most, lock = [0], [0], threading.Lock()
+    real = tiling._on_device_or_cpu
+
+    def counted(*args, **kwargs):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.02)
+        try:
+            return real(*args, **kwargs)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(tiling, "_on_device_or_cpu", counted)
+    lazy = md.deconvolve(da.from_array(image, chunks=(8, 48, 48)), psf, "rl", **options)
+    out = lazy.compute(scheduler="threads", num_workers=6)
+    assert most[0] == min(allowed, 6)
+    np.testing.assert_allclose(out, md.deconvolve(image, psf, "rl", **options), rtol=1e-6, atol=1e-6)
