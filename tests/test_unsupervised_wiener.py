@@ -1,13 +1,22 @@
 """microdecon.restore.unsupervised_wiener: restoration quality, the sampler's estimates, seeds, errors."""
 
+import sys
+
 import numpy as np
 import pytest
 
 import microdecon as md
 from microdecon.restore import METHODS
-from microdecon.restore.unsupervised_wiener import GibbsInfo, laplacian_power, unsupervised_wiener
+from microdecon.restore.unsupervised_wiener import (
+    GibbsInfo,
+    laplacian_kernel,
+    laplacian_power,
+    unsupervised_wiener,
+)
 
 from .conftest import psnr, to_numpy
+
+uw_module = sys.modules["microdecon.restore.unsupervised_wiener"]  # the function shadows it
 
 
 def noisy_phantom(shape, scale, seed, sigma=1.5):
@@ -63,6 +72,7 @@ def test_recovers_the_precisions_of_data_drawn_from_its_model():
     unsupervised_wiener(
         y,
         psf,
+        reg=laplacian_kernel(2),  # the prior the data were drawn from
         boundary="periodic",
         clip=False,
         rng=1,
@@ -108,13 +118,14 @@ def test_callback_sees_the_chains_and_can_stop():
 
 
 @pytest.mark.parametrize("boundary", ["periodic", "reflect", "non-circulant"])
-def test_boundaries_and_a_custom_regularizer(boundary):
+def test_boundaries_and_a_custom_regularizer(boundary, monkeypatch):
     truth, psf, noisy = noisy_phantom((64, 64), 3.0, seed=8)
     for reg in (None, np.array([[0.0, -1.0, 0.0], [-1.0, 4.0, -1.0], [0.0, -1.0, 0.0]]), np.ones((1, 1))):
         out = unsupervised_wiener(noisy, psf, reg=reg, boundary=boundary, rng=0, device="cpu")
         assert psnr(truth, out) > psnr(truth, noisy) + 1.0, (boundary, reg)
-    # the Laplacian given explicitly is the default
+    # the Laplacian given explicitly is the Laplacian of the default (its OTF term aside)
     lap = np.array([[0.0, -1.0, 0.0], [-1.0, 4.0, -1.0], [0.0, -1.0, 0.0]])
+    monkeypatch.setattr(uw_module, "DEFAULT_PRIOR_OTF_WEIGHT", 0.0)
     np.testing.assert_allclose(
         unsupervised_wiener(noisy, psf, reg=lap, boundary=boundary, rng=0, device="cpu"),
         unsupervised_wiener(noisy, psf, boundary=boundary, rng=0, device="cpu"),
@@ -186,3 +197,20 @@ def test_deconvolve_dispatches_when_wired():
         md.deconvolve(noisy, psf, "unsupervised-wiener", rng=3, device="cpu"),
         unsupervised_wiener(noisy, psf, rng=3, device="cpu"),
     )
+
+
+def test_default_prior_restores_bright_widefield_data_above_the_data():
+    # measured: the Laplacian alone 26.6 dB, 4.2 below the data (missing cone); the default 33.8
+    truth = md.data.phantom((32, 128, 128), seed=5, cells=0, beads=0, filaments=20)
+    psf = md.psf.widefield((31, 31, 31), (0.2, 0.1, 0.1), wavelength=0.52, na=1.2, n_immersion=1.33)
+    blurred = np.maximum(md.convolve(truth, psf, device="cpu"), 0)
+    scale = 1000.0 / float(blurred.max())
+    counts = np.random.default_rng(1).poisson(blurred * scale + 10)
+    image = (counts + np.random.default_rng(2).normal(0, 2, blurred.shape)).astype(np.float32)
+    truth = truth * scale
+    data = psnr(truth, image - 10)
+    default = psnr(truth, unsupervised_wiener(image, psf, background=10.0, rng=0, device="cpu"))
+    laplacian = psnr(
+        truth, unsupervised_wiener(image, psf, reg=laplacian_kernel(3), background=10.0, rng=0, device="cpu")
+    )
+    assert default > data + 1.0 and default > laplacian + 3.0, (data, default, laplacian)
