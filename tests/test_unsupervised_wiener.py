@@ -214,3 +214,11 @@ def test_default_prior_restores_bright_widefield_data_above_the_data():
         truth, unsupervised_wiener(image, psf, reg=laplacian_kernel(3), background=10.0, rng=0, device="cpu")
     )
     assert default > data + 1.0 and default > laplacian + 3.0, (data, default, laplacian)
+
+
+def test_all_zero_data_with_an_asymmetric_psf():
+    # found by Hypothesis: the sampler's equilibrium start divided by a zero residual
+    out = unsupervised_wiener(
+        np.zeros((1, 3), np.uint8), np.array([[5, 2], [6, 10]], np.uint8), rng=0, device="cpu"
+    )
+    np.testing.assert_array_equal(out, np.zeros((1, 3), np.float32))

@@ -343,6 +343,8 @@ def stationary_start(
             break
     balance = 10.0 ** (0.5 * (low + high))
     trace, residual, _ = moments(balance)
+    if residual <= 0 or trace >= n_data:  # nothing left to measure the noise by (all-zero data)
+        return None
     noise = (n_data - trace) / residual
     return noise, noise * balance
 
