@@ -206,7 +206,7 @@ def test_psf_side_model_is_the_blur_and_its_correlation_the_adjoint(device, boun
         solver = blind._BlindRichardsonLucy(image, psf / psf.sum(), None, boundary, 0.0, be)
         obj = xp.asarray(rng.random(solver.op.object_shape).astype(np.float32))
         if boundary == "non-circulant":  # the object's invisible part is zero, as RL keeps it
-            obj *= solver._normalization(solver.op) > 0
+            obj *= blind.normalization_of(solver.op) > 0
         spectrum = solver.object_spectrum(obj)
         h = xp.asarray(psf / psf.sum())
         model = to_numpy(solver.psf_forward(h, spectrum)[solver.image_slices]).copy()

@@ -78,10 +78,10 @@ from ..operators import Boundary, Convolution
 from ._stopping import StoppingRule
 from .richardson_lucy import (
     INITIAL_FLAT_FRACTION,
-    MIN_VISIBLE_FRACTION,
     _extrapolation_weight,
     _load_poisson_data,
     _relative_change,
+    normalization_of,
     richardson_lucy,
 )
 
@@ -461,18 +461,6 @@ class _BlindRichardsonLucy:
     def _operator(self) -> Convolution:
         return Convolution(self.psf, self.image_shape, boundary=self.boundary, backend=self.be)
 
-    def _normalization(self, op: Convolution):
-        """``1 / H^T 1`` where the image sees enough of a voxel, 0 elsewhere; None when H^T 1 == 1."""
-        xp = self.xp
-        visible = op.adjoint_of_ones()
-        if float(visible.max()) - 1 < 1e-5 and 1 - float(visible.min()) < 1e-5:
-            return None
-        support = visible > MIN_VISIBLE_FRACTION
-        xp.maximum(visible, MIN_VISIBLE_FRACTION, out=visible)
-        xp.reciprocal(visible, out=visible)
-        visible *= support
-        return visible
-
     def initial_estimate(self, normalization):
         """As RL's: the data less background with 5% of their mean, and the mean on the margin."""
         xp, op = self.xp, self.op
@@ -627,7 +615,7 @@ class _BlindRichardsonLucy:
         from tqdm.auto import tqdm
 
         be = self.be
-        normalization = self._normalization(self.op)
+        normalization = normalization_of(self.op)
         current = self.initial_estimate(normalization)
         buffers = None
         if accelerate:
@@ -639,7 +627,7 @@ class _BlindRichardsonLucy:
                 if iteration > 1:  # the PSF changed: a new blur, and a new H^T 1
                     self.op = None  # let the old operator's buffers go first (peak memory)
                     self.op = self._operator()
-                    normalization = self._normalization(self.op)
+                    normalization = normalization_of(self.op)
                 self.image_steps(current, image_iter, normalization, accelerate, buffers)
                 divergence = self.psf_steps(current, psf_iter, rule.needs_divergence)
                 bar.update()

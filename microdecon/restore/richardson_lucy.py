@@ -215,7 +215,7 @@ def _load_poisson_data(solver: Any, be: Backend, image: Any, background: Any) ->
     solver.floor = np.float32(1e-6)
 
 
-def _normalization(op: Convolution):
+def normalization_of(op: Convolution):
     """``1 / H^T 1`` where the image sees at least MIN_VISIBLE_FRACTION of a voxel's light, 0
     elsewhere; None where ``H^T 1 == 1`` (periodic, or reflect with a symmetric PSF). Made in
     place: no grid-sized temporaries."""
@@ -245,7 +245,7 @@ class _RichardsonLucy:
         # it, so its masked reciprocal is kept (made in place: no grid-sized temporaries).
         # Tiles of one shape share them (read only): a process makes them once for all.
         key = ("rl.normalization", op.otf_key, op.image_shape, op.boundary)
-        self.normalization = reused(key, lambda: _normalization(op), entries=1)
+        self.normalization = reused(key, lambda: normalization_of(op), entries=1)
         # zero exactly outside the support (only the first estimate needs it, so it is not kept)
         self.support = None if self.normalization is None else self.normalization > 0
 
