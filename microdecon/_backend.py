@@ -103,11 +103,13 @@ def return_freed_memory() -> None:
 
 
 def cpu_count() -> int:
-    """Threads for the CPU transforms: the cores this process may use (affinity masks set by batch
-    schedulers are respected), or fewer where ``MICRODECON_THREADS`` (else ``OMP_NUM_THREADS``,
-    which HPC job scripts often set) says so. Read when an FFT plan is made (plans are cached
-    per shape). Fewer threads serve when other jobs share the cores: a transform split over
-    every core waits for its slowest part.
+    """Threads for the CPU transforms and kernels: the cores this process may use (affinity
+    masks set by batch schedulers are respected), or fewer where ``MICRODECON_THREADS`` says so.
+    Read when a backend is first used and when an FFT plan is made (plans are cached per shape),
+    so set it before the first call. Fewer threads serve when other jobs share the cores: a
+    transform split over every core waits for its slowest part. (``OMP_NUM_THREADS`` is not
+    read: Dask's workers set it to 1 for libraries that parallelize on their own, while a
+    worker restores one tile at a time and should give it its cores.)
 
     Examples
     --------
@@ -121,16 +123,14 @@ def cpu_count() -> int:
         cores = max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - macOS / Windows
         cores = max(1, os.cpu_count() or 1)
-    for name in ("MICRODECON_THREADS", "OMP_NUM_THREADS"):
-        value = os.environ.get(name, "").strip()
-        if not value:
-            continue
-        if name == "OMP_NUM_THREADS":
-            value = value.split(",")[0]  # OpenMP allows a list per nesting level
-        if not value.isdigit() or int(value) < 1:
-            raise ValueError(f"the environment variable {name} must be a whole number >= 1, got {value!r}")
-        return min(cores, int(value))
-    return cores
+    value = os.environ.get("MICRODECON_THREADS", "").strip()
+    if not value:
+        return cores
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(
+            f"the environment variable MICRODECON_THREADS must be a whole number >= 1, got {value!r}"
+        )
+    return min(cores, int(value))
 
 
 # --------------------------------------------------------------------------------------------

@@ -1067,8 +1067,8 @@ def _write_tiff(
         os.chmod(temporary, _normal_mode(0o666))  # mkstemp makes 0600
         os.replace(temporary, path)
     except BaseException as error:
+        explained = _write_error(error, temporary, path)  # while the partial file tells its size
         Path(temporary).unlink(missing_ok=True)
-        explained = _write_error(error, temporary, path)
         if explained is error:
             raise
         raise explained from error
@@ -1129,8 +1129,8 @@ def _write_zarr(path: Path, data: Any, axes: str, spacing: dict[str, float], rec
         os.chmod(temporary, _normal_mode(0o777))  # mkdtemp makes 0700
         _swap_in(temporary, path)
     except BaseException as error:
-        shutil.rmtree(temporary, ignore_errors=True)
         explained = _write_error(error, temporary, path)
+        shutil.rmtree(temporary, ignore_errors=True)
         if explained is error:
             raise
         raise explained from error
@@ -1215,21 +1215,29 @@ def _write_error(error: BaseException, temporary: Any, path: Path) -> BaseExcept
     """The error a failed write reports, naming the file the user asked for, not the temporary.
 
     NumPy reports a short write (a full disk, a quota, a file-size limit) as a bare
-    "N requested and M written"; it becomes an OSError with the reason's errno and text.
+    "N requested and M written"; it becomes an OSError: EFBIG where the partial file stopped at
+    the process's file-size limit, ENOSPC (no room: a full disk or a quota) otherwise.
     """
     if not isinstance(error, OSError):
         return error
-    short = re.search(r"(\d+) requested and (\d+) written", str(error))
-    if error.errno is None and short:
-        try:
-            free = shutil.disk_usage(path.parent).free
-        except OSError:
-            free = 0
-        code = errno.ENOSPC if free < int(short[1]) else errno.EFBIG  # no room, or a limit
+    if error.errno is None and re.search(r"\d+ requested and \d+ written", str(error)):
+        code = errno.EFBIG if _at_file_size_limit(temporary) else errno.ENOSPC
         return OSError(code, os.strerror(code), str(path))
     if error.filename and str(error.filename).startswith(str(temporary)):
         error.filename = str(path)
     return error
+
+
+def _at_file_size_limit(temporary: Any) -> bool:
+    """Whether the partial file reached the process's file-size limit (RLIMIT_FSIZE): the write
+    stopped there, not because the disk was full."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        return soft != resource.RLIM_INFINITY and os.path.getsize(temporary) + (1 << 16) >= soft
+    except (ImportError, OSError, ValueError, AttributeError):  # no such limit here
+        return False
 
 
 def _temporary_prefix(path: Path) -> str:

@@ -161,8 +161,10 @@ def overlap_for(psf: Any, method: str = "rl", num_iter: int | None = None) -> tu
     if method in _ONE_PASS_REACH:
         reach = _ONE_PASS_REACH[method]
     else:
-        count = _default_iterations(method) if num_iter is None else num_iter
-        if count == "auto":  # RL's automatic stop: as far as it may go
+        from .restore._stopping import check_num_iter
+
+        count = check_num_iter(_default_iterations(method) if num_iter is None else num_iter)
+        if count == "auto":  # the automatic stop: as far as it may go
             from .restore._stopping import AUTO_MAX_ITER
 
             count = AUTO_MAX_ITER

@@ -216,11 +216,12 @@ def test_thread_count_follows_the_environment(monkeypatch):
     from microdecon._backend import cpu_count
 
     monkeypatch.delenv("MICRODECON_THREADS", raising=False)
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     cores = cpu_count()
-    monkeypatch.setenv("OMP_NUM_THREADS", "1,1")  # OpenMP's per-level list: the first counts
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # Dask's workers set it: not ours to follow
+    assert cpu_count() == cores
+    monkeypatch.setenv("MICRODECON_THREADS", "1")
     assert cpu_count() == 1
-    monkeypatch.setenv("MICRODECON_THREADS", str(cores + 5))  # ours wins, capped at the cores
+    monkeypatch.setenv("MICRODECON_THREADS", str(cores + 5))  # capped at the cores
     assert cpu_count() == cores
     monkeypatch.setenv("MICRODECON_THREADS", "two")
     with pytest.raises(ValueError, match="MICRODECON_THREADS"):

@@ -318,3 +318,18 @@ def test_two_hundred_stacks_on_the_gpu_keep_the_memory_pool_steady():
     # the pool keeps its blocks for reuse, so it may grow over the first stacks, then not at all
     assert max(held[10:]) == held[10], (held[10], max(held[10:]))
     assert max(used[10:]) <= used[10] + 4 * base.nbytes
+
+
+def test_a_short_write_without_a_limit_is_reported_as_a_full_disk(tmp_path, monkeypatch):
+    # NumPy reports a full disk as a bare count of elements; with no file-size limit it is ENOSPC
+    def short_write(path, *args, **kwargs):
+        with open(path, "wb") as partial:
+            partial.write(bytes(4096))
+        raise OSError("1000000 requested and 1024 written")
+
+    monkeypatch.setattr(tifffile, "imwrite", short_write)
+    target = tmp_path / "x.tif"
+    with pytest.raises(OSError) as raised:
+        io.imwrite(target, np.ones((4, 8, 8), np.float32))
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(target)
+    assert visible(tmp_path) == [] and hidden(tmp_path) == []

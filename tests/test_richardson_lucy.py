@@ -516,3 +516,15 @@ def test_auto_tiles_run_as_many_iterations_as_their_pilot():
         whole = md.richardson_lucy(image, psf, device="cpu", **params)
     tiled = md.deconvolve(image, psf, "rl", tile_shape=tile_shape, device="cpu", **params)
     assert float(np.abs(tiled - whole).max() / whole.max()) < 1e-3
+
+
+def test_auto_stop_with_a_background_that_broadcasts():
+    # a per-column offset has fewer axes than the image: the sampled misfit must broadcast it
+    image, psf, _ = _photon_problem(50, seed=9, shape=(8, 32, 32))
+    column = np.full(32, 10.0, np.float32)
+    np.testing.assert_allclose(
+        md.richardson_lucy(image, psf, background=column, device="cpu"),
+        md.richardson_lucy(image, psf, background=10.0, device="cpu"),
+        rtol=1e-5,
+        atol=1e-4,
+    )

@@ -6,7 +6,8 @@ and builds one :class:`StoppingRule` from them; after each iteration it calls th
 numbers it has at hand. Quantities a callback may ask for (the relative change, the I-divergence)
 are computed only when some rule needs them, so an unmonitored run pays nothing.
 
-``num_iter="auto"`` (RL's and FISTA's default) stops when the misfit of the data levels off
+``num_iter="auto"`` (RL's default; FISTA and Landweber take it too) stops when the misfit of the
+data levels off
 (:class:`Plateau`): past that point an iteration mostly fits the noise.
 """
 

@@ -285,7 +285,9 @@ class _RichardsonLucy:
             del data
         if sampled:
             every_other = (Ellipsis,) + (slice(None, None, 2),) * min(2, blurred.ndim)
-            background = self.background if np.ndim(self.background) == 0 else self.background[every_other]
+            background = self.background
+            if np.ndim(background):  # it may have fewer axes than the image (it broadcasts)
+                background = self.xp.broadcast_to(background, blurred.shape)[every_other]
             with np.errstate(over="ignore", invalid="ignore"):  # a non-finite misfit stops nothing
                 data = self.xp.multiply(self.image[every_other], self.image_scale, dtype=np.float32)
                 self.sampled_divergence = i_divergence(data, blurred[every_other] + background)
