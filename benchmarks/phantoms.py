@@ -37,7 +37,6 @@ DIR/phantoms_psnr.png and DIR/phantoms_ssim.png (quality against iteration, one 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import zlib
@@ -50,6 +49,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import peers  # noqa: E402  (benchmarks/peers.py, beside this script)
+from report import write_table  # noqa: E402  (benchmarks/report.py)
 
 import microdecon as md  # noqa: E402
 from microdecon.metrics import psnr, ssim  # noqa: E402
@@ -594,10 +594,7 @@ def main(argv=None) -> int:
     result = run(args.quick)
     text = table(result)
     print(text)
-    output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "phantoms.md").write_text(text + "\n")
-    (output / "phantoms.json").write_text(json.dumps(result, indent=1, default=float))
+    output = write_table(args.output, "phantoms", text, result)
     for path in plot(result, output):
         print(f"wrote {path}", file=sys.stderr)
     return 0

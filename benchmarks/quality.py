@@ -16,7 +16,6 @@ Results go to DIR/quality.md and DIR/quality.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,8 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+
+from report import write_table  # noqa: E402  (benchmarks/report.py)
 
 import microdecon as md  # noqa: E402
 from microdecon.metrics import psnr, ssim  # noqa: E402
@@ -198,10 +199,7 @@ def main(argv=None) -> int:
     result = run(args.quick)
     text = table(result)
     print(text)
-    output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "quality.md").write_text(text + "\n")
-    (output / "quality.json").write_text(json.dumps(result, indent=1, default=float))
+    write_table(args.output, "quality", text, result)
     return 0
 
 

@@ -40,6 +40,7 @@ sys.path.insert(0, str(HERE.parent))
 import phantoms  # noqa: E402  (benchmarks/*.py, beside this script)
 import quality  # noqa: E402
 import scaling  # noqa: E402
+from report import write_table  # noqa: E402
 
 import microdecon as md  # noqa: E402
 from microdecon import _backend  # noqa: E402
@@ -336,10 +337,7 @@ def main(argv=None) -> int:
             results["cases"][case] = json.loads(json.dumps(result))  # keys as JSON has them
     table = summarize(results, shape, num_iter, checkpoints)
     print(table)
-    output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "results.md").write_text(table + "\n")
-    (output / "results.json").write_text(json.dumps(results, indent=1, default=float))
+    output = write_table(args.output, "results", table, results)
     # the other tables, each also runnable alone: every method's quality on one phantom, time and
     # memory against volume size beside the peers, and quality on beads, filaments and cells
     quick = ["--quick"] if args.quick else []

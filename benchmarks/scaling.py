@@ -61,6 +61,7 @@ sys.path.insert(0, str(HERE))  # run.py and peers.py, beside this file, when imp
 
 import peers  # noqa: E402
 import run as run_py  # noqa: E402  (benchmarks/run.py; its main is guarded, so importing runs nothing)
+from report import write_table  # noqa: E402  (benchmarks/report.py)
 
 import microdecon as md  # noqa: E402
 from microdecon import _backend  # noqa: E402
@@ -568,10 +569,7 @@ def main(argv=None) -> int:
     result = run(args.quick)
     text = table(result)
     print(text)
-    output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "scaling.md").write_text(text + "\n")
-    (output / "scaling.json").write_text(json.dumps(result, indent=1, default=float))
+    output = write_table(args.output, "scaling", text, result)
     for path in plot(result, output):
         print(f"wrote {path}", file=sys.stderr)
     failed = [
