@@ -1245,7 +1245,20 @@ def _temporary_prefix(path: Path) -> str:
     return f".{path.name}.{_HOST}-{os.getpid()}."
 
 
-_HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname()) or "host"
+def _process_space() -> str:
+    """The host name and, on Linux, the PID namespace: together they say whose process IDs
+    these are. Containers on one host (Docker, Kubernetes, Apptainer) often share its name but
+    count their processes separately, so a process ID seen from another namespace says nothing
+    about whether its owner still runs."""
+    host = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname()) or "host"
+    try:
+        namespace = re.sub(r"\D", "", os.readlink("/proc/self/ns/pid"))  # "pid:[4026531836]"
+    except OSError:  # not Linux: one namespace per host
+        namespace = ""
+    return f"{host}_ns{namespace}" if namespace else host
+
+
+_HOST = _process_space()
 
 
 def _sweep_stale(path: Path) -> None:
@@ -1253,7 +1266,8 @@ def _sweep_stale(path: Path) -> None:
 
     A write that was killed (SIGKILL, a power cut) leaves its hidden ``.part`` temporary, and a
     Zarr store killed in mid-swap leaves the previous result aside as ``.old``. Only leftovers of
-    processes of this host that no longer run are touched: a concurrent writer's are its own. A
+    processes of this host and PID namespace that no longer run are touched: a concurrent
+    writer's are its own, and so are those of a container whose process IDs cannot be checked. A
     previous result found aside while ``path`` is missing is put back, so nothing is lost.
     """
     pattern = re.compile(rf"^\.{re.escape(path.name)}\.(?P<host>\w+)-(?P<pid>\d+)\.\w+\.(?P<kind>part|old)$")
