@@ -105,8 +105,8 @@ def return_freed_memory() -> None:
 def cpu_count() -> int:
     """Threads for the CPU transforms and kernels: the cores this process may use (affinity
     masks set by batch schedulers are respected), or fewer where ``MICRODECON_THREADS`` says so.
-    Read when a backend is first used and when an FFT plan is made (plans are cached per shape),
-    so set it before the first call. Fewer threads serve when other jobs share the cores: a
+    Read by every elementwise kernel and whenever an FFT plan is made, so a change holds from
+    the next call on (a plan already made keeps its threads). Fewer threads serve when other jobs share the cores: a
     transform split over every core waits for its slowest part. (``OMP_NUM_THREADS`` is not
     read: Dask's workers set it to 1 for libraries that parallelize on their own, while a
     worker restores one tile at a time and should give it its cores.)
@@ -355,11 +355,15 @@ _SLAB_ELEMENTS = 1 << 18  # ~1 MB of float32 per slab: stays in a core's cache
 
 
 class _Slabs:
-    """Runs a function over slabs of the first axis, on a thread pool when the work is large."""
+    """Runs a function over slabs of the first axis, on a thread pool when the work is large.
 
-    def __init__(self, workers: int):
-        self.workers = workers
+    The pool has :func:`cpu_count` threads as it reads at each call, like the FFT plans, so
+    that ``MICRODECON_THREADS`` set after the first call still holds.
+    """
+
+    def __init__(self):
         self._pool = None
+        self._pool_size = 0
         self._lock = threading.Lock()
 
     def map(self, fn, array) -> list:
@@ -367,14 +371,19 @@ class _Slabs:
         per_row = max(1, array.size // max(rows, 1))
         step = max(1, _SLAB_ELEMENTS // per_row)
         slabs = [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
-        if self.workers == 1 or len(slabs) == 1:
+        workers = cpu_count()
+        if workers == 1 or len(slabs) == 1:
             return [fn(s) for s in slabs]
         with self._lock:
-            if self._pool is None:
+            if self._pool_size != workers:
                 from concurrent.futures import ThreadPoolExecutor
 
-                self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="microdecon")
-        return list(self._pool.map(fn, slabs))
+                if self._pool is not None:
+                    self._pool.shutdown(wait=False)  # work already given to it still finishes
+                self._pool = ThreadPoolExecutor(workers, thread_name_prefix="microdecon")
+                self._pool_size = workers
+            pool = self._pool
+        return list(pool.map(fn, slabs))
 
 
 def to_bfloat16(values: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -698,7 +707,7 @@ class Backend:
                 fft_library = "fftw" if _pyfftw() is not None else "pocketfft"
             self.fft_library = fft_library
             self._fft_module = importlib.import_module("scipy.fft")
-            self._slabs = _Slabs(cpu_count())
+            self._slabs = _Slabs()
             kernels = _numpy_kernels(self._slabs)
         for kernel_name, kernel in kernels.items():
             setattr(self, kernel_name, kernel)

@@ -226,3 +226,26 @@ def test_thread_count_follows_the_environment(monkeypatch):
     monkeypatch.setenv("MICRODECON_THREADS", "two")
     with pytest.raises(ValueError, match="MICRODECON_THREADS"):
         cpu_count()
+
+
+def test_kernels_follow_a_thread_count_set_after_the_first_call(monkeypatch):
+    # A script may set MICRODECON_THREADS after microdecon has run once (a notebook cell, a
+    # batch job that shares its cores later): the elementwise kernels heed it from then on.
+    import threading
+
+    from microdecon import _backend
+
+    monkeypatch.setattr(_backend, "cpu_count", lambda: 2)  # as on a 2-core machine or larger
+    backend = _backend.Backend("cpu")
+    big = np.zeros((64, 512, 512), np.float32)  # 64 slabs of 2^18 elements
+
+    def threads_used():
+        seen = set()
+        backend._slabs.map(lambda s: seen.add(threading.get_ident()), big)
+        return seen
+
+    assert threading.get_ident() not in threads_used()  # a pool of 2 did the work
+    monkeypatch.setattr(_backend, "cpu_count", lambda: 1)
+    assert threads_used() == {threading.get_ident()}  # now all in the caller's thread
+    monkeypatch.setattr(_backend, "cpu_count", lambda: 3)
+    assert len(threads_used()) <= 3 and backend._slabs._pool_size == 3
