@@ -399,16 +399,22 @@ def to_bfloat16(values: np.ndarray, out: np.ndarray | None = None) -> np.ndarray
     return out
 
 
-def from_bfloat16(bits: np.ndarray) -> np.ndarray:
-    """bfloat16 bits (uint16) -> float32."""
-    out = np.empty(bits.shape, np.uint32)
-    np.left_shift(bits, 16, out=out, dtype=np.uint32)
-    return out.view(np.float32)
+def from_bfloat16(bits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """bfloat16 bits (uint16) -> float32 (into ``out``, a float32 array, when given)."""
+    if out is None:
+        out = np.empty(bits.shape, np.float32)
+    np.left_shift(bits, 16, out=out.view(np.uint32), dtype=np.uint32)
+    return out
 
 
-def _load_step(bits: np.ndarray) -> np.ndarray:
-    """A step buffer's values as a new float32 array: bfloat16 bits (uint16) or float32."""
-    return from_bfloat16(bits) if bits.dtype == np.uint16 else bits.astype(np.float32, copy=True)
+def _load_step(bits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """A step buffer's values as float32 (a new array, or ``out``): bfloat16 bits or float32."""
+    if bits.dtype == np.uint16:
+        return from_bfloat16(bits, out)
+    if out is None:
+        return bits.astype(np.float32, copy=True)
+    np.copyto(out, bits)
+    return out
 
 
 def _store_step(values: np.ndarray, out: np.ndarray) -> None:
@@ -416,6 +422,23 @@ def _store_step(values: np.ndarray, out: np.ndarray) -> None:
         to_bfloat16(values, out=out)
     else:
         out[...] = values
+
+
+_CONSTANTS: dict[float, np.ndarray] = {}  # value -> read-only float32 array of it
+
+
+def _at_least(values: np.ndarray, floor: float, out: np.ndarray) -> np.ndarray:
+    """``out <- max(values, floor)`` for float32 arrays, against an array of ``floor``.
+
+    NumPy (2.4, x86) has no vector loop for maximum against a broadcast scalar: it runs four
+    times slower than against an array, and the RL iteration clips several times per pass.
+    """
+    constant = _CONSTANTS.get(float(floor))
+    if constant is None or constant.size < values.size:
+        constant = np.full(max(values.size, _SLAB_ELEMENTS), floor, np.float32)
+        constant.flags.writeable = False
+        _CONSTANTS[float(floor)] = constant  # a race only makes one twice: both are right
+    return np.maximum(values, constant[: values.size].reshape(values.shape), out=out)
 
 
 def _numpy_kernels(slabs: _Slabs):
@@ -434,12 +457,12 @@ def _numpy_kernels(slabs: _Slabs):
             denominator = blurred[s] + (
                 background[s] if isinstance(background, np.ndarray) and background.ndim else background
             )
-            np.maximum(denominator, floor, out=denominator)
+            _at_least(denominator, floor, out=denominator)
             # a large negative value may overflow to -inf here: harmless, as it is clipped next
             with np.errstate(over="ignore"):
                 numerator = np.multiply(image[s], image_scale, dtype=np.float32)
             if clip_image:
-                np.maximum(numerator, 0, out=numerator)
+                _at_least(numerator, 0, out=numerator)
             np.divide(numerator, denominator, out=blurred[s])
 
         slabs.map(slab, image)
@@ -455,22 +478,25 @@ def _numpy_kernels(slabs: _Slabs):
             value = correction[s] * estimate[s]
             if normalization is not None:
                 value *= normalization[s]
-            np.maximum(value, 0, out=out[s])
+            _at_least(value, 0, out=out[s])
             if also is not None:
                 also[s] = out[s]
 
         slabs.map(slab, estimate)
         return out
 
-    def _predicted(current, step, alpha, s):
-        """max(x_k + alpha * h_k, 0) on one slab (a new array); ``step`` None means alpha = 0."""
+    def _predicted(current, step, alpha, s, out=None):
+        """max(x_k + alpha * h_k, 0) on one slab, into ``out`` (a new array when None); ``step``
+        None means alpha = 0."""
         if step is None:
-            return current[s].copy()
-        value = _load_step(step[s])
+            if out is None:
+                return current[s].copy()
+            np.copyto(out, current[s])
+            return out
+        value = _load_step(step[s], out)
         value *= alpha
         value += current[s]
-        np.maximum(value, 0, out=value)
-        return value
+        return _at_least(value, 0, out=value)
 
     def predict(current, step, alpha, out):
         """out <- max(current + alpha * step, 0): the Biggs–Andrews predicted point.
@@ -480,7 +506,11 @@ def _numpy_kernels(slabs: _Slabs):
         alpha = np.float32(alpha)
 
         def slab(s):
-            out[s] = _predicted(current, step, alpha, s)
+            target = out[s]
+            if target.flags.c_contiguous:  # written in place (the bfloat16 load needs a view)
+                _predicted(current, step, alpha, s, out=target)
+            else:
+                target[...] = _predicted(current, step, alpha, s)
 
         slabs.map(slab, current)
         return out
@@ -501,7 +531,8 @@ def _numpy_kernels(slabs: _Slabs):
             predicted = _predicted(current, step if have_prev else None, alpha, s)
             # No clip at zero here: predicted >= 0 and the correction is >= 0 up to FFT rounding
             # (~1e-7); the next prediction and the final result clip, which saves a pass.
-            new = correction[s] * predicted
+            # the correction is scratch (the transform's output): the new estimate goes there
+            new = np.multiply(correction[s], predicted, out=correction[s])
             if normalization is not None:
                 new *= normalization[s]
             update = np.subtract(new, predicted, out=predicted)  # g

@@ -249,3 +249,28 @@ def test_kernels_follow_a_thread_count_set_after_the_first_call(monkeypatch):
     assert threads_used() == {threading.get_ident()}  # now all in the caller's thread
     monkeypatch.setattr(_backend, "cpu_count", lambda: 3)
     assert len(threads_used()) <= 3 and backend._slabs._pool_size == 3
+
+
+@pytest.mark.parametrize("shape", [(7,), (3, 5, 4), (2, 600, 500)])  # the last beyond one slab
+def test_clip_against_a_constant_array_equals_numpy_maximum(shape):
+    from microdecon import _backend
+
+    rng = np.random.default_rng(1)
+    values = rng.standard_normal(shape).astype(np.float32)
+    values.flat[::7] = np.nan  # NaN stays NaN, as with np.maximum
+    for floor in (0.0, 1e-6, 2.5):
+        out = np.empty_like(values)
+        _backend._at_least(values, floor, out=out)
+        np.testing.assert_array_equal(out, np.maximum(values, np.float32(floor)))
+    assert not _backend._CONSTANTS[0.0].flags.writeable
+
+
+def test_bfloat16_round_trip_into_a_given_array():
+    from microdecon._backend import from_bfloat16, to_bfloat16
+
+    values = np.array([1.0, -3.5, 1e-30, 3e38, 0.0, 1.2345678], np.float32)
+    out = np.full(values.shape, np.nan, np.float32)
+    back = from_bfloat16(to_bfloat16(values), out=out)
+    assert back is out
+    np.testing.assert_allclose(back, values, rtol=2**-7)  # 8 significant bits, truncated
+    assert np.all(np.abs(back) <= np.abs(values))  # truncation rounds toward zero
