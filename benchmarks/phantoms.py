@@ -300,7 +300,7 @@ def run_case(case: dict, shape: tuple[int, ...], quick: bool) -> dict:
             "microdecon",
             lambda: follow(method("rl", accelerate=False), truth, plain_n, "auto", 10),
         ),
-        guarded("rl-tv", "microdecon", lambda: follow(method("rl-tv"), truth, rl_n, 30, 5)),
+        guarded("rl-tv", "microdecon", lambda: follow(method("rl-tv"), truth, rl_n, "auto", 5)),
         guarded("fista", "microdecon", lambda: follow(method("fista"), truth, 100, 100, 10)),
         guarded(
             "wiener",
@@ -540,10 +540,6 @@ def plot(result: dict, folder: Path) -> list[Path]:
                     plotted.append(value)
                     line = ax.axhline(value, color=colour, linestyle=style, linewidth=1.3)
                 handles.setdefault(row["method"], line)
-            # microdecon's RL and RL-TV stop at 30 iterations unless told otherwise
-            handles.setdefault(
-                "rl / rl-tv default (30 iter)", ax.axvline(30, color="gray", linestyle=":", linewidth=0.8)
-            )
             data = case[f"data_{metric}"]
             handles.setdefault(
                 "data (no restoration)", ax.axhline(data, color="black", linewidth=0.8, alpha=0.5)

@@ -123,7 +123,7 @@ def run(quick: bool) -> dict:
     rows = [
         iterative("rl (accelerated)", method("rl"), truth, 2 * n, default="auto"),
         iterative("rl (plain)", method("rl", accelerate=False), truth, 2 * n, default="auto"),
-        iterative("rl-tv", method("rl-tv"), truth, n),
+        iterative("rl-tv", method("rl-tv"), truth, 2 * n, default="auto"),
         iterative("landweber", method("landweber"), truth, 200),
         iterative("fista", method("fista"), truth, 100),
         iterative("blind-rl", method("blind-rl"), truth, 30),
