@@ -106,8 +106,9 @@ def cpu_count() -> int:
     """Threads for the CPU transforms and kernels: the cores this process may use (affinity
     masks set by batch schedulers are respected), or fewer where ``MICRODECON_THREADS`` says so.
     Read by every elementwise kernel and whenever an FFT plan is made, so a change holds from
-    the next call on (a plan already made keeps its threads). Fewer threads serve when other jobs share the cores: a
-    transform split over every core waits for its slowest part. (``OMP_NUM_THREADS`` is not
+    the next call on (a plan already made keeps its threads). Fewer threads serve when other
+    jobs share the cores: a transform split over every core waits for its slowest part.
+    (``OMP_NUM_THREADS`` is not
     read: Dask's workers set it to 1 for libraries that parallelize on their own, while a
     worker restores one tile at a time and should give it its cores.)
 
@@ -358,12 +359,12 @@ class _Slabs:
     """Runs a function over slabs of the first axis, on a thread pool when the work is large.
 
     The pool has :func:`cpu_count` threads as it reads at each call, like the FFT plans, so
-    that ``MICRODECON_THREADS`` set after the first call still holds.
+    that ``MICRODECON_THREADS`` set after the first call still holds. One pool is kept per
+    count and none is shut down while the process runs: a thread may be using it.
     """
 
     def __init__(self):
-        self._pool = None
-        self._pool_size = 0
+        self._pools: dict = {}
         self._lock = threading.Lock()
 
     def map(self, fn, array) -> list:
@@ -375,15 +376,19 @@ class _Slabs:
         if workers == 1 or len(slabs) == 1:
             return [fn(s) for s in slabs]
         with self._lock:
-            if self._pool_size != workers:
+            pool = self._pools.get(workers)
+            if pool is None:
                 from concurrent.futures import ThreadPoolExecutor
 
-                if self._pool is not None:
-                    self._pool.shutdown(wait=False)  # work already given to it still finishes
-                self._pool = ThreadPoolExecutor(workers, thread_name_prefix="microdecon")
-                self._pool_size = workers
-            pool = self._pool
+                pool = self._pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="microdecon")
         return list(pool.map(fn, slabs))
+
+    def shutdown(self) -> None:
+        """End the pools' threads (for tests; the next call makes a new pool)."""
+        with self._lock:
+            pools, self._pools = list(self._pools.values()), {}
+        for pool in pools:
+            pool.shutdown(wait=True)
 
 
 def to_bfloat16(values: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -424,21 +429,30 @@ def _store_step(values: np.ndarray, out: np.ndarray) -> None:
         out[...] = values
 
 
-_CONSTANTS: dict[float, np.ndarray] = {}  # value -> read-only float32 array of it
+_CONSTANTS: dict[float, np.ndarray] = {}  # value -> read-only float32 array of it, one slab long
 
 
 def _at_least(values: np.ndarray, floor: float, out: np.ndarray) -> np.ndarray:
-    """``out <- max(values, floor)`` for float32 arrays, against an array of ``floor``.
+    """``out <- max(values, floor)``, against an array of ``floor`` a slab long.
 
     NumPy (2.4, x86) has no vector loop for maximum against a broadcast scalar: it runs four
     times slower than against an array, and the RL iteration clips several times per pass.
+    Larger contiguous inputs go a slab at a time; large strided ones take the scalar loop.
     """
     constant = _CONSTANTS.get(float(floor))
-    if constant is None or constant.size < values.size:
-        constant = np.full(max(values.size, _SLAB_ELEMENTS), floor, np.float32)
+    if constant is None:
+        constant = np.full(_SLAB_ELEMENTS, floor, np.float32)
         constant.flags.writeable = False
         _CONSTANTS[float(floor)] = constant  # a race only makes one twice: both are right
-    return np.maximum(values, constant[: values.size].reshape(values.shape), out=out)
+    if values.size <= constant.size:
+        return np.maximum(values, constant[: values.size].reshape(values.shape), out=out)
+    if values.flags.c_contiguous and out.flags.c_contiguous:  # flat views of both
+        flat_values, flat_out = values.reshape(-1), out.reshape(-1)
+        for start in range(0, values.size, constant.size):
+            part = slice(start, min(start + constant.size, values.size))
+            np.maximum(flat_values[part], constant[: part.stop - start], out=flat_out[part])
+        return out
+    return np.maximum(values, np.float32(floor), out=out)
 
 
 def _numpy_kernels(slabs: _Slabs):
@@ -502,15 +516,12 @@ def _numpy_kernels(slabs: _Slabs):
         """out <- max(current + alpha * step, 0): the Biggs–Andrews predicted point.
 
         ``step`` (h_k = x_k - x_{k-1}, bfloat16 bits) may be None on the first iteration.
+        ``out`` (float32, any strides) must not overlap ``current``: it is written first.
         """
         alpha = np.float32(alpha)
 
         def slab(s):
-            target = out[s]
-            if target.flags.c_contiguous:  # written in place (the bfloat16 load needs a view)
-                _predicted(current, step, alpha, s, out=target)
-            else:
-                target[...] = _predicted(current, step, alpha, s)
+            _predicted(current, step, alpha, s, out=out[s])
 
         slabs.map(slab, current)
         return out
@@ -523,7 +534,7 @@ def _numpy_kernels(slabs: _Slabs):
         FFT rounding, and the next prediction clips); the RL update
         g = new - y replaces ``update_prev`` and new - x replaces ``step`` (both bfloat16 bits,
         see :func:`to_bfloat16`, or both float32). Returns <g, g_prev> and <g_prev, g_prev>, from
-        before.
+        before. ``correction`` is scratch: it is overwritten (here with the new estimate).
         """
         alpha = np.float32(alpha)
 

@@ -122,20 +122,23 @@ def test_a_result_moved_aside_by_a_killed_swap_is_put_back(tmp_path):
     assert hidden(tmp_path) == [mine.name]
 
 
-def test_leftovers_of_another_pid_namespace_are_left_alone(tmp_path):
+def test_leftovers_of_another_pid_namespace_are_left_alone(tmp_path, monkeypatch):
     # A container on this host may share its name but number its processes separately: a
     # process ID that is dead here may be a live writer there.
+    monkeypatch.setattr(io.os, "readlink", lambda path: "pid:[4026531836]")
+    here = io._process_space()
+    monkeypatch.setattr(io.os, "readlink", lambda path: "pid:[4026532999]")
+    there = io._process_space()
+    assert here != there and here.split("_ns")[0] == there.split("_ns")[0]  # same host name
+    monkeypatch.setattr(io, "_HOST", here)
     target = tmp_path / "out.tif"
     pid = dead_pid()
-    here = io._temporary_prefix(target).replace(f"-{os.getpid()}.", f"-{pid}.")
-    elsewhere = here.replace(f".{io._HOST}-", f".{io._HOST}x9-")
-    assert elsewhere != here
+    prefix = io._temporary_prefix(target).replace(f"-{os.getpid()}.", f"-{pid}.")
+    (tmp_path / f"{prefix}efgh.part").write_bytes(b"a dead process's leftover")
+    elsewhere = prefix.replace(f".{here}-", f".{there}-")
     (tmp_path / f"{elsewhere}abcd.part").write_bytes(b"a container's write in progress")
-    (tmp_path / f"{here}efgh.part").write_bytes(b"a dead process's leftover")
     io.imwrite(target, np.ones((3, 4), np.float32))
-    assert hidden(tmp_path) == [f"{elsewhere}abcd.part"]
-    if os.path.exists("/proc/self/ns/pid"):  # Linux: the namespace is part of the owner's name
-        assert io._HOST.endswith("_ns" + "".join(c for c in os.readlink("/proc/self/ns/pid") if c.isdigit()))
+    assert hidden(tmp_path) == [f"{elsewhere}abcd.part"]  # the dead one swept, the other kept
 
 
 # --- a batch killed at random moments -------------------------------------------------------
