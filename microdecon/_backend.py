@@ -463,14 +463,16 @@ def _numpy_kernels(slabs: _Slabs):
         ``image`` may have any real dtype: each slab is converted as it is read. ``clip_image``
         False skips the max with 0 for images known to be non-negative.
         """
-        if isinstance(background, np.ndarray) and background.ndim:
+        per_voxel = isinstance(background, np.ndarray) and background.ndim
+        if per_voxel:
             background = np.broadcast_to(background, image.shape)
         image_scale = np.float32(image_scale)
 
         def slab(s):
-            denominator = blurred[s] + (
-                background[s] if isinstance(background, np.ndarray) and background.ndim else background
-            )
+            # the blurred estimate is scratch: the denominator is made where it lies, and the
+            # numerator is the only temporary (each one a slab per thread counts in peak memory)
+            denominator = blurred[s]
+            denominator += background[s] if per_voxel else background
             _at_least(denominator, floor, out=denominator)
             # a large negative value may overflow to -inf here: harmless, as it is clipped next
             with np.errstate(over="ignore"):
@@ -539,22 +541,25 @@ def _numpy_kernels(slabs: _Slabs):
         alpha = np.float32(alpha)
 
         def slab(s):
-            predicted = _predicted(current, step if have_prev else None, alpha, s)
-            # No clip at zero here: predicted >= 0 and the correction is >= 0 up to FFT rounding
+            # One temporary per thread (it counts in peak memory): the correction is scratch (the
+            # transform's output) and takes the new estimate, and x_k's slab, once its step is
+            # stored, holds g_{k-1} for the dot products.
+            estimate = current[s]  # x_k, contiguous
+            work = _predicted(current, step if have_prev else None, alpha, s)  # y
+            # No clip at zero here: y >= 0 and the correction is >= 0 up to FFT rounding
             # (~1e-7); the next prediction and the final result clip, which saves a pass.
-            # the correction is scratch (the transform's output): the new estimate goes there
-            new = np.multiply(correction[s], predicted, out=correction[s])
+            new = np.multiply(correction[s], work, out=correction[s])
             if normalization is not None:
                 new *= normalization[s]
-            update = np.subtract(new, predicted, out=predicted)  # g
+            update = np.subtract(new, work, out=work)  # g_k
+            _store_step(np.subtract(new, estimate, out=estimate), step[s])  # h_{k+1} = new - x_k
             cross = norm = 0.0
             if have_prev:
-                previous = _load_step(update_prev[s])
-                cross = float(np.dot(update.ravel(), previous.ravel()))
-                norm = float(np.dot(previous.ravel(), previous.ravel()))
+                previous = _load_step(update_prev[s], out=estimate).ravel()
+                cross = float(np.dot(update.ravel(), previous))
+                norm = float(np.dot(previous, previous))
             _store_step(update, update_prev[s])
-            _store_step(np.subtract(new, current[s], out=update), step[s])  # h_{k+1}
-            current[s] = new
+            np.copyto(estimate, new)
             return cross, norm
 
         parts = slabs.map(slab, current)
@@ -565,7 +570,13 @@ def _numpy_kernels(slabs: _Slabs):
         conjugate = conjugate and np.iscomplexobj(otf)
 
         def slab(s):
-            spectrum[s] *= otf[s].conj() if conjugate else otf[s]
+            if conjugate:  # s conj(o) = conj(conj(s) o): in place, with no temporary
+                part = spectrum[s]
+                np.conjugate(part, out=part)
+                part *= otf[s]
+                np.conjugate(part, out=part)
+            else:
+                spectrum[s] *= otf[s]
 
         slabs.map(slab, spectrum)
         return spectrum
