@@ -301,7 +301,7 @@ def run_case(case: dict, shape: tuple[int, ...], quick: bool) -> dict:
             lambda: follow(method("rl", accelerate=False), truth, plain_n, "auto", 10),
         ),
         guarded("rl-tv", "microdecon", lambda: follow(method("rl-tv"), truth, rl_n, "auto", 5)),
-        guarded("fista", "microdecon", lambda: follow(method("fista"), truth, 100, 100, 10)),
+        guarded("fista", "microdecon", lambda: follow(method("fista"), truth, 100, "auto", 10)),
         guarded(
             "wiener",
             "microdecon",

@@ -125,7 +125,7 @@ def run(quick: bool) -> dict:
         iterative("rl (plain)", method("rl", accelerate=False), truth, 2 * n, default="auto"),
         iterative("rl-tv", method("rl-tv"), truth, 2 * n, default="auto"),
         iterative("landweber", method("landweber"), truth, 200),
-        iterative("fista", method("fista"), truth, 100),
+        iterative("fista", method("fista"), truth, 100, default="auto"),
         iterative("blind-rl", method("blind-rl"), truth, 30),
     ]
     grid = np.logspace(-5, 0, 11)
