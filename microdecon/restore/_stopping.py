@@ -24,14 +24,14 @@ from .._tile_model import recorded, shared
 
 __all__ = ["IterationInfo", "Plateau", "StoppingRule", "check_num_iter"]
 
-#: ``num_iter="auto"``: stop once the misfit of the data (RL: the Poisson I-divergence; FISTA: the
-#: squared residual) falls by less than AUTO_PLATEAU of itself per iteration, averaged over
-#: AUTO_WINDOW iterations, at two checks in a row, or after AUTO_MAX_ITER. Measured on 11
-#: problems (beads, filaments and cells; widefield, measured light-sheet and Gaussian PSFs; 40 to
-#: 1000 photons; the bundled sample): accelerated RL came within 0.35 dB of its best iteration
-#: on 8 and 1.2 dB below 30 fixed iterations on one, where 30 fixed iterations lost up to 20 dB
-#: (bright beads) and 1.7 dB (40 photons); FISTA stopped near its best at 40 photons, where 100
-#: iterations ended below the data. The ratio does not change with the camera's gain.
+#: ``num_iter="auto"``: stop once the misfit of the data (RL and RL-TV: the Poisson I-divergence;
+#: Landweber: the squared residual) falls by less than AUTO_PLATEAU of itself per iteration,
+#: averaged over AUTO_WINDOW iterations, at two checks in a row, or after AUTO_MAX_ITER. Measured
+#: on 11 problems (beads, filaments and cells; widefield, measured light-sheet and Gaussian PSFs;
+#: 40 to 1000 photons; the bundled sample): accelerated RL came within 0.35 dB of its best
+#: iteration on 8 and 1.2 dB below 30 fixed iterations on one, where 30 fixed iterations lost up
+#: to 20 dB (bright beads) and 1.7 dB (40 photons). At 15 photons it stops 1.6-2.7 dB past RL's
+#: peak on cells (RL-TV does not). The ratio does not change with the camera's gain.
 AUTO_PLATEAU = 4e-4
 AUTO_WINDOW = 3
 AUTO_MAX_ITER = 100
