@@ -215,8 +215,8 @@ def fista(
     num_iter : int >= 0, or "auto"
         Most iterations to run (each costs one blur and one transposed blur). "auto" (the
         default) stops when an iteration lowers the objective ``F`` (see Notes) by less than
-        1e-4 of the squared residual the noise alone would leave, measured every third
-        iteration on a quarter of the voxels, at two checks in a row, or after 100. On extended
+        1e-4 of the squared residual the noise alone would leave (the noise measured in the
+        data), checked every third iteration, at two checks in a row, or after 100. On extended
         samples at low photon counts (dim cells), where the l1 penalty regularizes little and
         noise grows after 10-20 iterations, it stops there; on bright or sparse data it runs on
         (sparse samples keep sharpening up to about 400 iterations; give a number for that).
