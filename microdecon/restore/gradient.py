@@ -93,8 +93,8 @@ def landweber(
         non-negative; normalized to sum 1 here.
     num_iter : int >= 0, or "auto"
         Most iterations to run ("auto": until the squared residual falls by less than 4e-4 of
-        itself per iteration, as RL's misfit, at most 100). Each costs one blur and one transposed blur, like one
-        Richardson–Lucy iteration. The iteration is regularized by stopping early: more
+        itself per iteration, as RL's misfit, at most 100). Each costs one blur and one
+        transposed blur, like one Richardson–Lucy iteration. The iteration is regularized by stopping early: more
         iterations sharpen more and, in the end, amplify noise. The default, 200, is near the
         best count for very noisy data (a few photons per voxel) and still gaining on cleaner
         data, which can take 500 or more.
