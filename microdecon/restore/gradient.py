@@ -94,10 +94,10 @@ def landweber(
     num_iter : int >= 0, or "auto"
         Most iterations to run ("auto": until the squared residual falls by less than 4e-4 of
         itself per iteration, as RL's misfit, at most 100). Each costs one blur and one
-        transposed blur, like one Richardson–Lucy iteration. The iteration is regularized by stopping early: more
-        iterations sharpen more and, in the end, amplify noise. The default, 200, is near the
-        best count for very noisy data (a few photons per voxel) and still gaining on cleaner
-        data, which can take 500 or more.
+        transposed blur, like one Richardson–Lucy iteration. The iteration is regularized by
+        stopping early: more iterations sharpen more and, in the end, amplify noise. The
+        default, 200, is near the best count for very noisy data (a few photons per voxel) and
+        still gaining on cleaner data, which can take 500 or more.
     step : float or "auto"
         Step size ``tau`` in ``x <- max(0, x + tau H^T (y - b - H x))``; dimensionless (the PSF
         has unit sum, so the image's scale does not matter), ``0 < step < 2 / L`` with ``L`` the
