@@ -360,3 +360,22 @@ def test_cupy_inputs_are_not_modified(method):
     assert _backend.is_device_array(out)
     _check_result(out.get(), image.shape)
     assert bool((image == image_before).all()) and bool((psf == psf_before).all())
+
+
+@pytest.mark.parametrize("method", ["rl", "rl-tv", "fista", "landweber"])
+@FEW
+@given(problem=problems())
+def test_the_automatic_stop_is_safe_on_any_input(method, problem):
+    # num_iter="auto" measures the noise and the misfit on the data: constant, all-zero, one-voxel
+    # and extreme-range images must still give a finite result within the cap
+    image, psf = problem
+    done = []
+    try:
+        out = md.deconvolve(
+            image, psf, method, num_iter="auto", device="cpu", callback=lambda i, e: done.append(i)
+        )
+    except (ValueError, TypeError) as error:
+        _error_names_argument(error)
+    else:
+        _check_result(out, image.shape)
+        assert len(done) <= 100
