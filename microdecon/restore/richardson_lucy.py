@@ -322,18 +322,20 @@ class _RichardsonLucy:
         xp = self.xp
         ndim = estimate.ndim
         magnitude = xp.full(estimate.shape, np.float32(TV_EPSILON**2), dtype=np.float32)
+        gradient = xp.empty(estimate.shape, dtype=np.float32)  # one scratch for every axis
         for axis in range(ndim):
-            gradient = _forward_difference(estimate, axis, xp)
-            magnitude += gradient * gradient
+            _forward_difference(estimate, axis, xp, out=gradient)
+            xp.multiply(gradient, gradient, out=gradient)
+            magnitude += gradient
         xp.sqrt(magnitude, out=magnitude)
         xp.reciprocal(magnitude, out=magnitude)
         divergence = xp.zeros(estimate.shape, dtype=np.float32) if out is None else out
         divergence[...] = 0
         for axis in range(ndim):
-            unit = _forward_difference(estimate, axis, xp)
+            unit = _forward_difference(estimate, axis, xp, out=gradient)
             unit *= magnitude
             _add_backward_difference(divergence, unit, axis)
-        del magnitude
+        del magnitude, gradient
         divergence *= np.float32(-self.tv)
         divergence += np.float32(1)
         xp.maximum(divergence, np.float32(0.1), out=divergence)
@@ -425,15 +427,20 @@ class _RichardsonLucy:
         return self.xp.maximum(result, 0, out=result)
 
 
-def _forward_difference(x, axis: int, xp):
-    """``x[i+1] - x[i]`` along ``axis``, 0 at the last index (a new array of ``x``'s shape)."""
-    out = xp.zeros(x.shape, dtype=np.float32)
+def _forward_difference(x, axis: int, xp, out=None):
+    """``x[i+1] - x[i]`` along ``axis``, 0 at the last index (into ``out``, float32 of ``x``'s
+    shape, or a new array)."""
+    if out is None:
+        out = xp.empty(x.shape, dtype=np.float32)
     n = x.shape[axis]
+    head = [slice(None)] * x.ndim
+    tail = [slice(None)] * x.ndim
+    head[axis], tail[axis] = slice(0, n - 1), slice(1, n)
+    last = [slice(None)] * x.ndim
+    last[axis] = slice(n - 1, n)
     if n > 1:
-        head = [slice(None)] * x.ndim
-        tail = [slice(None)] * x.ndim
-        head[axis], tail[axis] = slice(0, n - 1), slice(1, n)
         xp.subtract(x[tuple(tail)], x[tuple(head)], out=out[tuple(head)])
+    out[tuple(last)] = 0
     return out
 
 
