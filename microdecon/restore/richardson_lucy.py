@@ -366,8 +366,8 @@ class _RichardsonLucy:
         previous = None  # the last image-shaped estimate, when the relative change is wanted
         # Each step also writes its result where the next transform reads (the FFT's own buffer,
         # or spent scratch): that spares a copy, and the predicted point needs no array of its own.
-        # RL-TV reads the point before the transform destroys it, so it stages nothing.
-        staged = self.op.staging_buffer() is not None and tv_factor is None
+        # RL-TV reads the staged point for its factor before the transform overwrites it.
+        staged = self.op.staging_buffer() is not None
         if staged and not accelerate:
             be.copy(self.op.staging_buffer(), current)
         want_divergence = rule.needs_divergence
@@ -388,6 +388,8 @@ class _RichardsonLucy:
                     known_step = step if have_update else None
                     if staged:
                         be.predict(current, known_step, alpha, self.op.staging_buffer())
+                        if tv_factor is not None:
+                            self.tv_factor(self.op.staging_buffer(), out=tv_factor)
                         correction = self.correction(None, True, want_divergence, measure)
                     else:
                         predicted = be.predict(current, known_step, alpha, be.empty(current.shape))
