@@ -36,7 +36,6 @@ DIR/phantoms_psnr.png and DIR/phantoms_ssim.png (quality against iteration, one 
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 import zlib
@@ -49,7 +48,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import peers  # noqa: E402  (benchmarks/peers.py, beside this script)
-from report import write_table  # noqa: E402  (benchmarks/report.py)
+import report  # noqa: E402  (benchmarks/report.py)
 
 import microdecon as md  # noqa: E402
 from microdecon.metrics import psnr, ssim  # noqa: E402
@@ -583,16 +582,9 @@ def plot(result: dict, folder: Path) -> list[Path]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="3 cases at 16x64x64 (about half a minute)")
-    parser.add_argument("--output", default=str(HERE / "results"), help="folder for phantoms.md/json/png")
-    args = parser.parse_args(argv)
+    args = report.parser(__doc__, "phantoms", "3 cases at 16x64x64 (about half a minute)").parse_args(argv)
     result = run(args.quick)
-    text = table(result)
-    print(text)
-    output = write_table(args.output, "phantoms", text, result)
-    for path in plot(result, output):
-        print(f"wrote {path}", file=sys.stderr)
+    report.publish(args.output, "phantoms", table(result), result, plot)
     return 0
 
 

@@ -15,7 +15,6 @@ Results go to DIR/quality.md and DIR/quality.json.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from report import write_table  # noqa: E402  (benchmarks/report.py)
+import report  # noqa: E402  (benchmarks/report.py)
 
 import microdecon as md  # noqa: E402
 from microdecon.metrics import psnr, ssim  # noqa: E402
@@ -192,14 +191,9 @@ def table(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="32x128x128 (about a minute on 2 cores)")
-    parser.add_argument("--output", default=str(HERE / "results"), help="folder for quality.md/json")
-    args = parser.parse_args(argv)
+    args = report.parser(__doc__, "quality", "32x128x128 (about a minute on 2 cores)").parse_args(argv)
     result = run(args.quick)
-    text = table(result)
-    print(text)
-    write_table(args.output, "quality", text, result)
+    report.publish(args.output, "quality", table(result), result)
     return 0
 
 

@@ -39,8 +39,8 @@ sys.path.insert(0, str(HERE.parent))
 
 import phantoms  # noqa: E402  (benchmarks/*.py, beside this script)
 import quality  # noqa: E402
+import report  # noqa: E402  (benchmarks/report.py)
 import scaling  # noqa: E402
-from report import write_table  # noqa: E402
 
 import microdecon as md  # noqa: E402
 from microdecon import _backend  # noqa: E402
@@ -293,9 +293,7 @@ def machine() -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="32x128x128, 20 iterations (under 2 minutes)")
-    parser.add_argument("--output", default=str(HERE / "results"), help="folder for results.md/json")
+    parser = report.parser(__doc__, "results", "32x128x128, 20 iterations (under 2 minutes)")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--problem", help=argparse.SUPPRESS)
     parser.add_argument("--num-iter", type=int, default=None, help=argparse.SUPPRESS)
@@ -335,9 +333,7 @@ def main(argv=None) -> int:
             print(f"running {case} ...", file=sys.stderr, flush=True)
             result = run_in_subprocess(case, problem, num_iter, checkpoints)
             results["cases"][case] = json.loads(json.dumps(result))  # keys as JSON has them
-    table = summarize(results, shape, num_iter, checkpoints)
-    print(table)
-    output = write_table(args.output, "results", table, results)
+    output = report.publish(args.output, "results", summarize(results, shape, num_iter, checkpoints), results)
     # the other tables, each also runnable alone: every method's quality on one phantom, time and
     # memory against volume size beside the peers, and quality on beads, filaments and cells
     quick = ["--quick"] if args.quick else []

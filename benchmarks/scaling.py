@@ -60,8 +60,8 @@ sys.path.insert(0, str(HERE.parent))  # the microdecon of this checkout
 sys.path.insert(0, str(HERE))  # run.py and peers.py, beside this file, when imported from elsewhere
 
 import peers  # noqa: E402
+import report  # noqa: E402  (benchmarks/report.py)
 import run as run_py  # noqa: E402  (benchmarks/run.py; its main is guarded, so importing runs nothing)
-from report import write_table  # noqa: E402  (benchmarks/report.py)
 
 import microdecon as md  # noqa: E402
 from microdecon import _backend  # noqa: E402
@@ -554,9 +554,7 @@ def plot(result: dict, folder: Path) -> list[Path]:
 
 def main(argv=None) -> int:
     """Command line; 0 when every case that could run did, 1 when one failed."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="two small sizes, 5 iterations (~30 s)")
-    parser.add_argument("--output", default=str(HERE / "results"), help="folder for scaling.md/json/png")
+    parser = report.parser(__doc__, "scaling", "two small sizes, 5 iterations (~30 s)")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--problem", help=argparse.SUPPRESS)
     parser.add_argument("--num-iter", type=int, default=None, help=argparse.SUPPRESS)
@@ -567,11 +565,7 @@ def main(argv=None) -> int:
         return 0
 
     result = run(args.quick)
-    text = table(result)
-    print(text)
-    output = write_table(args.output, "scaling", text, result)
-    for path in plot(result, output):
-        print(f"wrote {path}", file=sys.stderr)
+    report.publish(args.output, "scaling", table(result), result, plot)
     failed = [
         f"{case} at {'x'.join(map(str, entry['shape']))}"
         for entry in result["sizes"]
