@@ -592,6 +592,25 @@ def _numpy_kernels(slabs: _Slabs):
     return {name: kernels[name] for name in KERNEL_NAMES}
 
 
+def _sum_by_rows(reduction: Any, a: Any, b: Any, rows: int = 2048) -> complex:
+    """``reduction(a, b)`` over all elements, computed as ``rows`` partial sums and their sum.
+
+    CuPy reduces a whole array to one value with a single thread block (when CUB does not take
+    the kernel). On an H200 that made accelerated RL's two dot products cost 25 times the rest
+    of its iteration: 37 ms per iteration at 256^3, against 1.7 ms with rows of partial sums,
+    which spread the work over every multiprocessor. The remainder that fills no row is reduced
+    on its own.
+    """
+    a, b = a.reshape(-1), b.reshape(-1)  # views: the arrays are contiguous
+    whole = a.size - a.size % rows
+    total = 0j
+    if whole:
+        total += complex(reduction(a[:whole].reshape(rows, -1), b[:whole].reshape(rows, -1), axis=1).sum())
+    if whole < a.size:
+        total += complex(reduction(a[whole:], b[whole:]))
+    return total
+
+
 def _cupy_kernels(cupy: Any):
     ratio = cupy.ElementwiseKernel(
         "I image, T background, T floor_value, T image_scale",
@@ -646,30 +665,27 @@ def _cupy_kernels(cupy: Any):
             """,
             f"{name}_rl_accelerated",
         )
-        dot = cupy.ReductionKernel(
-            f"float32 a, {step_type} b",
-            "float64 y",
-            "(double)a * (double)" + load.format("b"),
+        # <g, p> and <p, p> in one pass over both arrays, as the real and imaginary parts of
+        # one complex sum (a ReductionKernel has one output).
+        dot_and_square = cupy.ReductionKernel(
+            f"float32 g, {step_type} p",
+            "complex128 y",
+            "complex<double>((double)g * (double)"
+            + load.format("p")
+            + ", (double)"
+            + load.format("p")
+            + " * (double)"
+            + load.format("p")
+            + ")",
             "a + b",
             "y = a",
-            "0",
-            f"{name}_dot",
-        )
-        # Two inputs (the same array twice): CuPy's CUB path for one-input reductions renames the
-        # input by plain text substitution, which would mangle any other word containing its name.
-        square = cupy.ReductionKernel(
-            f"{step_type} p, {step_type} q",
-            "float64 y",
-            "(double)" + load.format("p") + " * (double)" + load.format("q"),
-            "a + b",
-            "y = a",
-            "0",
-            f"{name}_sum_squares",
+            "complex<double>(0, 0)",
+            f"{name}_dot_and_square",
         )
         store = cupy.ElementwiseKernel(
             "float32 g", f"{step_type} b", "b = " + keep.format("g"), f"{name}_store"
         )
-        return predict_kernel, accelerated, dot, square, store
+        return predict_kernel, accelerated, dot_and_square, store
 
     by_step_type = {
         np.dtype(np.uint16): step_kernels("uint16"),
@@ -698,13 +714,13 @@ def _cupy_kernels(cupy: Any):
         return predict_kernel(current, placeholder, cupy.float32(alpha), has_step, out)
 
     def rl_accelerated_update(current, step, alpha, correction, normalization, update_prev, have_prev):
-        _, accelerated, dot, square, store = by_step_type[step.dtype]
+        _, accelerated, dot_and_square, store = by_step_type[step.dtype]
         factor = normalization if normalization is not None else cupy.float32(1)
         accelerated(cupy.float32(alpha), have_prev, factor, current, step, correction)
         cross = norm = 0.0
         if have_prev:
-            cross = float(dot(correction, update_prev))
-            norm = float(square(update_prev, update_prev))
+            both = _sum_by_rows(dot_and_square, correction, update_prev)
+            cross, norm = both.real, both.imag
         store(correction, update_prev)
         return cross, norm
 

@@ -133,6 +133,19 @@ def test_spectrum_multiplication_complex_and_real_otf():
     np.testing.assert_allclose(be.multiply_spectrum(spectrum.copy(), real, True), spectrum * real, rtol=1e-6)
 
 
+@pytest.mark.parametrize("size", [1, 2047, 2048, 5 * 2048 + 3])
+def test_sum_by_rows_adds_every_element_once(size):
+    # the GPU's two-pass reduction, driven here by a NumPy reduction with CuPy's call signature
+    def reduction(a, b, axis=None):
+        return np.sum(a.astype(np.float64) * b + 1j * b.astype(np.float64) ** 2, axis=axis)
+
+    rng = np.random.default_rng(size)
+    a, b = rng.random(size).astype(np.float32), rng.random(size).astype(np.float32)
+    total = _backend._sum_by_rows(reduction, a.reshape(1, -1), b.reshape(1, -1))
+    assert total.real == pytest.approx(float(np.dot(a.astype(np.float64), b)), rel=1e-12)
+    assert total.imag == pytest.approx(float(np.dot(b.astype(np.float64), b)), rel=1e-12)
+
+
 @pytest.mark.gpu
 def test_gpu_kernels_match_numpy(device):
     if device != "gpu":
