@@ -244,6 +244,73 @@ def test_local_cluster_matches_local_scheduler():
     np.testing.assert_allclose(remote, local, rtol=0, atol=1e-5 * local.max())
 
 
+@pytest.mark.gpu
+def test_local_cuda_cluster_restores_tiles_on_its_workers_gpus():
+    """dask-cuda's LocalCUDACluster: one worker per GPU, each tile on its worker's GPU, the same
+    result as the CPU's local scheduler."""
+    from microdecon._backend import gpu_available
+
+    if not gpu_available():
+        pytest.skip("needs CuPy and a CUDA GPU")
+    dask_cuda = pytest.importorskip("dask_cuda")
+    distributed = pytest.importorskip("distributed")
+    import cupy
+
+    image, psf = _data((8, 96, 96), (5, 9, 9), seed=5)
+    lazy = md.deconvolve(da.from_array(image), psf, "rl", tile_shape=(None, 48, 48), num_iter=6)
+    local = md.deconvolve(image, psf, "rl", tile_shape=(None, 48, 48), num_iter=6, device="cpu")
+    gpus = cupy.cuda.runtime.getDeviceCount()
+    with dask_cuda.LocalCUDACluster(dashboard_address=None) as cluster:
+        with distributed.Client(cluster) as client:
+            with distributed.get_task_stream(client) as stream:
+                remote = client.compute(lazy).result()
+            pools = client.run(lambda: cupy.get_default_memory_pool().total_bytes())
+    workers = {task["worker"] for task in stream.data if "restore_region" in str(task["key"])}
+    assert len(pools) == gpus and len(workers) == gpus, (pools, workers)
+    # every worker held GPU memory: its tiles ran on its GPU, not on the CPU
+    assert all(held > 0 for held in pools.values()), pools
+    np.testing.assert_allclose(np.asarray(remote), local, rtol=0, atol=1e-4 * local.max())
+
+
+@pytest.mark.gpu
+def test_a_real_gpu_out_of_memory_shrinks_the_tiles_with_the_same_result(monkeypatch):
+    """A CuPy pool limit makes the whole volume fail for real on the GPU (OutOfMemoryError or a
+    cuFFT work-area failure); the planner retries with smaller tiles, and the result is what
+    those tiles give on the CPU."""
+    from microdecon._backend import gpu_available
+
+    if not gpu_available():
+        pytest.skip("needs CuPy and a CUDA GPU")
+    import cupy
+
+    image, psf = _data((16, 256, 256), (7, 15, 15), seed=8)
+    used = []
+    run_plan = tiling._run_plan
+
+    def spy(image, psf, function, tile_plan, params, device, boundary):
+        used.append((tile_plan, device))
+        return run_plan(image, psf, function, tile_plan, params, device, boundary)
+
+    monkeypatch.setattr(tiling, "_run_plan", spy)
+    pool = cupy.get_default_memory_pool()
+    cupy.fft.config.get_plan_cache().clear()  # cached cuFFT work areas would count against the limit
+    pool.free_all_blocks()
+    # about 6 volumes: the whole volume needs more (grid, spectrum, OTF, estimate, ratio, plans)
+    pool.set_limit(size=pool.used_bytes() + 6 * image.nbytes)
+    try:
+        with pytest.warns(RuntimeWarning, match="retrying with|on the CPU"):
+            out = md.deconvolve(image, psf, "rl", num_iter=8, device="gpu")
+    finally:
+        pool.set_limit(size=0)
+        cupy.fft.config.get_plan_cache().clear()
+    (first, _), (last, device) = used[0], used[-1]
+    assert first.tiles == 1 and (last.tiles > 1 or device == "cpu"), used
+    tiles = last.tile_shape if last.tiles > 1 else None
+    reference = md.deconvolve(image, psf, "rl", num_iter=8, device="cpu", tile_shape=tiles)
+    assert isinstance(out, np.ndarray) and out.shape == image.shape
+    assert _relative_error(out, reference) < 1e-3
+
+
 class OutOfMemoryError(Exception):
     """Named like CuPy's: what the tiler recognizes as a device out of memory."""
 
