@@ -11,8 +11,6 @@ Install the CPU peers with ``pip install scikit-image redlionfish``; cuCIM needs
 Example
 -------
 >>> import numpy as np
-
-from microdecon import _backend
 >>> from peers import skimage_richardson_lucy
 >>> image = np.ones((8, 16, 16), np.float32); psf = np.ones((3, 3, 3), np.float32) / 27
 >>> skimage_richardson_lucy(image, psf, 5).shape

@@ -270,8 +270,8 @@ def versions() -> dict:
         "scikit-image": ("scikit-image",),
         "redlionfish": ("RedLionfish",),
         "pyfftw": ("pyFFTW",),
-        "cupy": ("cupy-cuda12x", "cupy-cuda11x", "cupy"),
-        "cucim": ("cucim-cu12", "cucim-cu11", "cucim"),
+        "cupy": ("cupy-cuda13x", "cupy-cuda12x", "cupy-cuda11x", "cupy"),
+        "cucim": ("cucim-cu13", "cucim-cu12", "cucim-cu11", "cucim"),
     }
     found = {}
     for key, distributions in names.items():
@@ -307,17 +307,21 @@ def _keep_faster(kept: dict | None, new: dict) -> dict:
     return kept
 
 
-def run(quick: bool) -> dict:
-    """Every case at every size; returns the raw numbers (what scaling.json holds).
+def run(quick: bool, cases: list[str] | None = None, passes: int | None = None) -> dict:
+    """Every case (or those in ``cases``) at every size; returns the raw numbers (what
+    scaling.json holds).
 
     The full run makes two passes over all sizes and keeps each case's faster pass (the floor:
     the lower of its two): on a shared machine another job can slow a whole case down, and
     microdecon's multi-threaded FFTs suffer more from it than the single-threaded peers. The
-    passes are minutes apart, so one burst of other work rarely spoils both.
+    passes are minutes apart, so one burst of other work rarely spoils both. ``passes`` overrides
+    the count (a GPU machine lent for minutes can afford one).
     """
     sizes = QUICK_SIZES if quick else FULL_SIZES
     num_iter = 5 if quick else 10
-    passes = 1 if quick else 2
+    if passes is None:
+        passes = 1 if quick else 2
+    chosen = {case: CASES[case] for case in (cases or CASES)}
     found = peers.available()
     result = {
         "machine": run_py.machine(),
@@ -330,7 +334,7 @@ def run(quick: bool) -> dict:
         "passes": passes,
         "cpu_fft_library": cpu_library(),
         "background": run_py.BACKGROUND,
-        "cases": dict(CASES),
+        "cases": chosen,
         "sizes": [],
     }
     with tempfile.TemporaryDirectory() as folder:
@@ -347,14 +351,14 @@ def run(quick: bool) -> dict:
                 "psf_shape": list(psf_shape(shape)),
                 "cases": {},
             }
-            for case in CASES:
+            for case in chosen:
                 reason = _why_not(case, found)
                 if reason is not None:
                     entry["cases"][case] = {"case": case, "status": "missing", "reason": reason}
             result["sizes"].append(entry)
         for index in range(passes):
             for entry, problem in zip(result["sizes"], problems):
-                for case in CASES:
+                for case in chosen:
                     if entry["cases"].get(case, {}).get("status") == "missing":
                         continue
                     label = "x".join(map(str, entry["shape"]))
@@ -363,7 +367,7 @@ def run(quick: bool) -> dict:
                     entry["cases"][case] = _keep_faster(entry["cases"].get(case), measured)
     for entry in result["sizes"]:
         for device, case in (("cpu", "microdecon-plain"), ("gpu", "microdecon-plain-gpu")):
-            measured = entry["cases"][case]
+            measured = entry["cases"].get(case, {})
             if "fft_floor_seconds" in measured:
                 entry.setdefault("fft_floor_seconds", {})[device] = measured["fft_floor_seconds"]
                 load = measured.get("fft_floor_other_cores")
@@ -558,13 +562,19 @@ def main(argv=None) -> int:
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--problem", help=argparse.SUPPRESS)
     parser.add_argument("--num-iter", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--cases", help="comma-separated columns to run (default: all)")
+    parser.add_argument("--passes", type=int, default=None, help="passes over the sizes (2; --quick 1)")
     args = parser.parse_args(argv)
 
     if args.case:  # child process: one case, its numbers as the last line of stdout
         print(json.dumps(run_case(args.case, Path(args.problem), args.num_iter), default=float))
         return 0
 
-    result = run(args.quick)
+    cases = args.cases.split(",") if args.cases else list(CASES)
+    unknown = sorted(set(cases) - set(CASES))
+    if unknown:
+        parser.error(f"unknown cases {unknown}; choose from {list(CASES)}")
+    result = run(args.quick, cases, args.passes)
     report.publish(args.output, "scaling", table(result), result, plot)
     failed = [
         f"{case} at {'x'.join(map(str, entry['shape']))}"
