@@ -1,0 +1,43 @@
+"""The benchmark reports: tables made again from the JSON equal the published ones; ratios right."""
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+gpu = pytest.importorskip("gpu")  # benchmarks/gpu.py
+tables = pytest.importorskip("tables")  # benchmarks/tables.py
+
+
+def test_the_gpu_tables_are_made_again_from_their_json(tmp_path):
+    published = BENCHMARKS / "results" / "gpu"
+    for name in ("gpu", "results", "scaling"):
+        shutil.copy(published / f"{name}.json", tmp_path)
+    assert tables.main([str(tmp_path)]) == 0
+    for name in ("gpu", "results", "scaling"):
+        assert (tmp_path / f"{name}.md").read_text() == (published / f"{name}.md").read_text(), name
+    assert (tmp_path / "scaling_time.png").stat().st_size > 10_000
+
+
+def test_gpu_table_ratios():
+    entry = {
+        "shape": [8, 16, 16],
+        "fft_shape": [12, 20, 20],
+        "fft_floor_seconds": 0.001,
+        "cases": {
+            "microdecon-plain": {"seconds_per_iteration": 0.0015, "floor_ratio": 1.5},
+            "microdecon-accel": {"seconds_per_iteration": 0.002, "floor_ratio": 2.0},
+            "cucim": {"seconds_per_iteration": 0.0033},
+            "skimage": {"status": "missing", "reason": "not installed"},
+        },
+    }
+    result = {"machine": "test", "date": "2026-11-26", "sizes": [entry], "end_to_end": {}}
+    row = gpu.table(result).splitlines()[4]
+    assert row == (
+        "| 8x16x16 | 12x20x20 | 1.0 ms | 1.5 ms (1.50x floor) | 2.0 ms (2.00x floor) | 3.3 ms | "
+        "missing | 2.2x | - |"
+    )
