@@ -593,22 +593,35 @@ def _numpy_kernels(slabs: _Slabs):
 
 
 def _sum_by_rows(reduction: Any, a: Any, b: Any, rows: int = 2048) -> complex:
-    """``reduction(a, b)`` over all elements, computed as ``rows`` partial sums and their sum.
+    """``reduction(a, b)`` over all elements, computed as partial sums and their sum.
 
     CuPy reduces a whole array to one value with a single thread block (when CUB does not take
     the kernel). On an H200 that made accelerated RL's two dot products cost 25 times the rest
     of its iteration: 37 ms per iteration at 256^3, against 1.7 ms with rows of partial sums,
-    which spread the work over every multiprocessor. The remainder that fills no row is reduced
-    on its own.
+    which spread the work over every multiprocessor. Contiguous arrays are cut into ``rows``
+    rows (the remainder that fills no row is reduced on its own); strided views (the reflect
+    boundary's correction) are reduced along their last axis, which needs no copy. The partial
+    sums are added on the device, so the caller waits once.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> def dot(a, b, axis=None):
+    ...     return np.sum(a * b, axis=axis)
+    >>> x = np.arange(10.0)
+    >>> _sum_by_rows(dot, x, x, rows=4), _sum_by_rows(dot, x[::2], x[::2], rows=4)
+    ((285+0j), (120+0j))
     """
-    a, b = a.reshape(-1), b.reshape(-1)  # views: the arrays are contiguous
+    if not (a.flags.c_contiguous and b.flags.c_contiguous):
+        return complex(reduction(a, b, axis=-1).sum())
+    a, b = a.reshape(-1), b.reshape(-1)  # views of contiguous arrays
     whole = a.size - a.size % rows
-    total = 0j
+    parts = []
     if whole:
-        total += complex(reduction(a[:whole].reshape(rows, -1), b[:whole].reshape(rows, -1), axis=1).sum())
+        parts.append(reduction(a[:whole].reshape(rows, -1), b[:whole].reshape(rows, -1), axis=1).sum())
     if whole < a.size:
-        total += complex(reduction(a[whole:], b[whole:]))
-    return total
+        parts.append(reduction(a[whole:], b[whole:]))
+    return complex(sum(parts[1:], parts[0]))
 
 
 def _cupy_kernels(cupy: Any):

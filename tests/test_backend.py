@@ -144,6 +144,11 @@ def test_sum_by_rows_adds_every_element_once(size):
     total = _backend._sum_by_rows(reduction, a.reshape(1, -1), b.reshape(1, -1))
     assert total.real == pytest.approx(float(np.dot(a.astype(np.float64), b)), rel=1e-12)
     assert total.imag == pytest.approx(float(np.dot(b.astype(np.float64), b)), rel=1e-12)
+    # a strided view (the reflect boundary's correction is one) is summed as it is
+    grid = rng.random((6, size + 4)).astype(np.float32)
+    view, full = grid[1:5, 2:-2], np.ascontiguousarray(grid[1:5, 2:-2])
+    total = _backend._sum_by_rows(reduction, view, full)
+    assert total.real == pytest.approx(float(np.sum(full.astype(np.float64) * full)), rel=1e-12)
 
 
 @pytest.mark.gpu
