@@ -7,8 +7,9 @@ one run:
 - the floor: the best time of the four real FFTs one RL iteration needs, on microdecon's padded
   grid for that volume (non-circulant boundary, widefield PSF 31^3);
 - microdecon's plain and accelerated RL per iteration, with the data on the device;
-- cuCIM's ``richardson_lucy`` per iteration (data on the device; carry its wheel to a GPU
-  machine), and scikit-image's on this machine's CPU (at the first size only: it is slow).
+- cuCIM's ``richardson_lucy`` per iteration (NumPy in and out through benchmarks/peers.py: the
+  copies cancel in the marginal cost; carry its wheel to a GPU machine), and scikit-image's on
+  this machine's CPU (at the first size only: it is slow).
 
 "Per iteration" is the marginal cost: the best time of ``many`` iterations less that of ``few``,
 over the difference, so that set-up (OTF, normalization, plans) and transfers cancel. Then, end to
@@ -36,6 +37,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
+import optics  # noqa: E402
 import peers  # noqa: E402
 import report  # noqa: E402
 import run as run_py  # noqa: E402
@@ -58,28 +60,26 @@ def problem(shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     truth = np.tile(truth, [-(-n // b) for n, b in zip(shape, block)])[tuple(slice(0, n) for n in shape)]
     rng = np.random.default_rng(0)
     image = rng.poisson(truth * 200.0 + run_py.BACKGROUND).astype(np.float32)
-    return image, widefield_psf()
+    return image, optics.widefield_psf()
 
 
-def widefield_psf() -> np.ndarray:
-    return md.psf.widefield((31, 31, 31), run_py.SPACING, wavelength=0.52, na=1.2, n_immersion=1.33)
+def timings(call, backend, repeats: int) -> list[float]:
+    """Wall seconds of ``repeats`` calls, each waiting for the device before and after."""
+    seconds = []
+    for _ in range(repeats):
+        backend.synchronize()
+        start = time.perf_counter()
+        call()
+        backend.synchronize()
+        seconds.append(time.perf_counter() - start)
+    return seconds
 
 
 def per_iteration(run, few: int, many: int, backend, repeats: int = 2) -> float:
     """Marginal seconds per iteration of ``run(num_iter)``: set-up and transfers cancel."""
-
-    def best(n):
-        timings = []
-        for _ in range(repeats):
-            backend.synchronize()
-            start = time.perf_counter()
-            run(n)
-            backend.synchronize()
-            timings.append(time.perf_counter() - start)
-        return min(timings)
-
     run(few)  # warm-up: plans, kernels, the memory pool
-    return (best(many) - best(few)) / (many - few)
+    best = {n: min(timings(lambda n=n: run(n), backend, repeats)) for n in (many, few)}
+    return (best[many] - best[few]) / (many - few)
 
 
 def measure_size(shape, device: str, with_skimage: bool) -> dict:
@@ -126,7 +126,7 @@ def end_to_end(shape, device: str, folder: Path, runs: int = 2) -> dict:
     """The command on a uint16 TIFF, 50 RL iterations, timed from process start to written file."""
     image, psf = problem(shape)
     source, psf_path = folder / "stack.tif", folder / "psf.tif"
-    meta = {"axes": "ZYX", "spacing": run_py.SPACING}
+    meta = {"axes": "ZYX", "spacing": optics.SPACING}
     counts = np.clip(image + (CAMERA_OFFSET - run_py.BACKGROUND), 0, 65535).astype(np.uint16)
     md.io.imwrite(source, counts, meta)
     md.io.imwrite(psf_path, psf, meta)
@@ -136,7 +136,8 @@ def end_to_end(shape, device: str, folder: Path, runs: int = 2) -> dict:
     seconds = []
     profile = folder / "profile.out"
     for index in range(runs):
-        # the last run under cProfile (a few percent slower): where the seconds go
+        # the last run under cProfile, which slows it (4.6 against 3.2 s on the H200): where the
+        # seconds go, in proportion
         prefix = ["-m", "cProfile", "-o", str(profile)] if index == runs - 1 else []
         start = time.perf_counter()
         subprocess.run([command[0], *prefix, *command[1:]], check=True, cwd=HERE.parent, env=dict(os.environ))
@@ -159,7 +160,7 @@ def parts(shape, device: str, repeats: int = 20) -> dict:
     xp = backend.xp
     from microdecon.operators import Convolution
 
-    operator = Convolution(widefield_psf(), shape, boundary="non-circulant", backend=backend)
+    operator = Convolution(optics.widefield_psf(), shape, boundary="non-circulant", backend=backend)
     fft_shape = tuple(operator.fft_shape)
     plan = backend.fft_plan(fft_shape)
     rng = np.random.default_rng(0)
@@ -172,7 +173,7 @@ def parts(shape, device: str, repeats: int = 20) -> dict:
     otf = spectrum.copy()
     step = xp.asarray(_backend.to_bfloat16(rng.uniform(-0.1, 0.1, fft_shape).astype(np.float32)))
     previous = xp.asarray(_backend.to_bfloat16(rng.uniform(-0.1, 0.1, fft_shape).astype(np.float32)))
-    out = xp.empty(fft_shape, np.float32)
+    out = grid()  # the ratio's blurred estimate, then the update's output
     steps = {
         "4 FFTs": lambda: (plan.inverse(plan.forward(x)), plan.inverse(plan.forward(x))),
         "OTF multiply": lambda: backend.multiply_spectrum(spectrum, otf, False),
@@ -184,19 +185,12 @@ def parts(shape, device: str, repeats: int = 20) -> dict:
             estimate, step, 0.5, correction, normalization, previous, True
         ),
     }
-    timings = {}
+    milliseconds = {}
     for name, call in steps.items():
         call()
-        times = []
-        for _ in range(repeats):
-            backend.synchronize()
-            start = time.perf_counter()
-            call()
-            backend.synchronize()
-            times.append(time.perf_counter() - start)
-        timings[name] = float(np.median(times)) * 1e3
-        print(f"parts {fft_shape}: {name} {timings[name]:.3f} ms", file=sys.stderr, flush=True)
-    return {"fft_shape": list(fft_shape), "milliseconds": timings}
+        milliseconds[name] = float(np.median(timings(call, backend, repeats))) * 1e3
+        print(f"parts {fft_shape}: {name} {milliseconds[name]:.3f} ms", file=sys.stderr, flush=True)
+    return {"fft_shape": list(fft_shape), "milliseconds": milliseconds}
 
 
 def _cell(entry: dict, name: str, with_floor: bool = False) -> str:

@@ -47,7 +47,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-import peers  # noqa: E402  (benchmarks/peers.py, beside this script)
+import optics  # noqa: E402  (benchmarks/optics.py, beside this script)
+import peers  # noqa: E402
 import report  # noqa: E402  (benchmarks/report.py)
 
 import microdecon as md  # noqa: E402
@@ -56,7 +57,7 @@ from microdecon.metrics import psnr, ssim  # noqa: E402
 BACKGROUND = 10.0
 READ_NOISE = 2.0  # Gaussian read noise, counts (sCMOS-like)
 COUNTS = {"high": 1000.0, "low": 40.0}  # photons at the blurred object's peak
-WIDEFIELD_SPACING = (0.2, 0.1, 0.1)
+WIDEFIELD_SPACING = optics.SPACING
 LLSM_SPACING = (0.1, 0.101, 0.101)  # from the bead file's bounding box (shared/data/README.md)
 PHANTOM_SEEDS = {"beads": 21, "filaments": 22, "cell": 11}
 WIENER_GRID = np.logspace(-5, 0, 11)  # microdecon Wiener: noise-to-signal ratio, OTF peak 1
@@ -92,7 +93,7 @@ def make_psf(kind: str, shape: tuple[int, ...]) -> tuple[np.ndarray, tuple[float
     limits = (31, 31, 31) if kind == "widefield" else (31, 63, 63)
     box = tuple(min(n if n % 2 else n - 1, limit) for n, limit in zip(shape, limits))
     if kind == "widefield":
-        psf = md.psf.widefield(box, WIDEFIELD_SPACING, wavelength=0.52, na=1.2, n_immersion=1.33)
+        psf = optics.widefield_psf(box, WIDEFIELD_SPACING)
         return psf, WIDEFIELD_SPACING
     folder = _shared_data()
     if folder is None:

@@ -24,6 +24,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+import optics  # noqa: E402  (benchmarks/optics.py)
 import report  # noqa: E402  (benchmarks/report.py)
 
 import microdecon as md  # noqa: E402
@@ -31,13 +32,13 @@ from microdecon.metrics import psnr, ssim  # noqa: E402
 from microdecon.restore.wiener import DEFAULT_INVERSE_EPSILON  # noqa: E402
 
 BACKGROUND = 10.0
-SPACING = (0.2, 0.1, 0.1)
+SPACING = optics.SPACING
 
 
 def make_problem(shape: tuple[int, ...]):
     rng = np.random.default_rng(0)
     truth = md.data.phantom(shape, seed=11)
-    psf = md.psf.widefield((31, 31, 31), SPACING, wavelength=0.52, na=1.2, n_immersion=1.33)
+    psf = optics.widefield_psf()
     blurred = np.maximum(md.convolve(truth, psf, device="cpu"), 0)
     scale = 200.0 / float(blurred.max())
     image = rng.poisson(blurred * scale + BACKGROUND).astype(np.float32)

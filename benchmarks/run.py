@@ -37,7 +37,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-import phantoms  # noqa: E402  (benchmarks/*.py, beside this script)
+import optics  # noqa: E402  (benchmarks/*.py, beside this script)
+import phantoms  # noqa: E402
 import quality  # noqa: E402
 import report  # noqa: E402  (benchmarks/report.py)
 import scaling  # noqa: E402
@@ -47,8 +48,10 @@ from microdecon import _backend  # noqa: E402
 from microdecon.metrics import psnr  # noqa: E402
 
 BACKGROUND = 10.0
+LIBRARIES = ("fftw", "pocketfft", "gpu")
+TABLES = ("results", "quality", "scaling", "phantoms")
 PSF_SHAPE = (31, 31, 31)
-SPACING = (0.2, 0.1, 0.1)
+SPACING = optics.SPACING
 
 
 # ----------------------------------------------------------------------------------------------
@@ -57,7 +60,7 @@ SPACING = (0.2, 0.1, 0.1)
 def make_problem(shape: tuple[int, ...], folder: Path) -> Path:
     rng = np.random.default_rng(0)
     truth = md.data.phantom(shape, seed=11)
-    psf = md.psf.widefield(PSF_SHAPE, SPACING, wavelength=0.52, na=1.2, n_immersion=1.33)
+    psf = optics.widefield_psf(PSF_SHAPE)
     blurred = np.maximum(md.convolve(truth, psf, device="cpu"), 0)
     scale = 200.0 / float(blurred.max())
     image = rng.poisson(blurred * scale + BACKGROUND).astype(np.float32)
@@ -190,7 +193,7 @@ def run_case(case: str, problem: Path, num_iter: int, checkpoints: list[int]) ->
 
 
 def _library(case: str) -> str:
-    return next(name for name in ("gpu", "fftw", "pocketfft") if name in case)
+    return next(name for name in LIBRARIES if name in case)
 
 
 def run_in_subprocess(case: str, problem: Path, num_iter: int, checkpoints: list[int]) -> dict:
@@ -236,7 +239,7 @@ def summarize(results: dict, shape, num_iter: int, checkpoints: list[int]) -> st
         + " |",
         "|---|---|---|---|---|" + "---|" * len(checkpoints),
     ]
-    libraries = ("fftw", "pocketfft", "gpu")
+    libraries = LIBRARIES
     floor = {lib: cases.get(f"rl-plain-{lib}", {}).get("fft_floor_seconds") for lib in libraries}
     for name, case in cases.items():
         per_iter = case["seconds"] / num_iter
@@ -310,9 +313,7 @@ def main(argv=None) -> int:
     parser.add_argument("--num-iter", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--checkpoints", default="", help=argparse.SUPPRESS)
     parser.add_argument("--cases", help="comma-separated cases of the results table (default: all here)")
-    parser.add_argument(
-        "--tables", default="results,quality,scaling,phantoms", help="the tables to make (default: all four)"
-    )
+    parser.add_argument("--tables", default=",".join(TABLES), help="the tables to make (default: all four)")
     args = parser.parse_args(argv)
 
     if args.case:  # child process
@@ -329,8 +330,15 @@ def main(argv=None) -> int:
     if _backend.gpu_available():  # on a GPU machine the same command adds the GPU rows
         cases += ["rl-plain-gpu", "rl-accel-gpu"]
     if args.cases:
+        kinds = ("plain", "accel", "accel-reflect")
+        known = {"skimage"} | {f"rl-{kind}-{lib}" for kind in kinds for lib in LIBRARIES}
         cases = args.cases.split(",")
+        unknown = sorted(set(cases) - known)
+        if unknown or "skimage" not in cases:  # the table's ratios are to scikit-image's row
+            parser.error(f"--cases takes skimage and any of {sorted(known - {'skimage'})}; got {cases}")
     tables = args.tables.split(",")
+    if set(tables) - set(TABLES):
+        parser.error(f"--tables takes any of {list(TABLES)}; got {tables}")
     results = {
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d"),

@@ -59,6 +59,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # the microdecon of this checkout
 sys.path.insert(0, str(HERE))  # run.py and peers.py, beside this file, when imported from elsewhere
 
+import optics  # noqa: E402
 import peers  # noqa: E402
 import report  # noqa: E402  (benchmarks/report.py)
 import run as run_py  # noqa: E402  (benchmarks/run.py; its main is guarded, so importing runs nothing)
@@ -99,7 +100,7 @@ def make_problem(shape: tuple[int, ...], path: Path) -> Path:
     """Phantom, PSF and noisy image of one size, saved to ``path`` (.npz) for the children."""
     rng = np.random.default_rng(0)
     truth = md.data.phantom(shape, seed=11)
-    psf = md.psf.widefield(psf_shape(shape), run_py.SPACING, wavelength=0.52, na=1.2, n_immersion=1.33)
+    psf = optics.widefield_psf(psf_shape(shape))
     # scipy.fft here: the problem is the same with either library, and FFTW would first spend
     # up to a minute measuring a plan for a grid that no case uses
     _backend.set_cpu_fft("pocketfft")
