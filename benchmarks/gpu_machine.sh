@@ -15,6 +15,7 @@
 set -u
 OUT=${OUT:-/tmp/microdecon-gpu}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)  # absolute: the script moves to the repository's root below
 QUICK=
 STEPS=
 for arg in "$@"; do
@@ -45,15 +46,14 @@ step() {  # step SECONDS NAME COMMAND...: run with a limit, log it, go on whatev
     python3 -c "import dask_cuda; print('dask_cuda', dask_cuda.__version__)"
     nproc
 } >>"$LOG" 2>&1
-LIMIT=$(python3 -c "import pytest_timeout" 2>/dev/null && echo --timeout=120)  # a hung test ends, not the run
-wants tests && step 110 "gpu tests" python3 -m pytest -m gpu -q -rfEs --tb=short $LIMIT tests
-BENCH=/tmp/microdecon-bench
-mkdir -p $BENCH
-wants gpu && step 120 "benchmarks/gpu.py" python3 benchmarks/gpu.py $QUICK --output $BENCH
+LIMIT=$(python3 -c "import pytest_timeout" 2>/dev/null && echo --timeout=60)  # a hung test ends, not the run
+wants tests && step 150 "gpu tests" python3 -m pytest -m gpu -q -rfEs --tb=short $LIMIT tests
+BENCH=$(mktemp -d)  # fresh: a failed step must not pass off an earlier run's JSON as its own
+wants gpu && step 120 "benchmarks/gpu.py" python3 benchmarks/gpu.py $QUICK --output "$BENCH"
 wants results && step 95 "benchmarks/run.py (GPU rows)" python3 benchmarks/run.py $QUICK --tables results \
-    --cases skimage,rl-plain-gpu,rl-accel-gpu --output $BENCH
+    --cases skimage,rl-plain-gpu,rl-accel-gpu --output "$BENCH"
 wants scaling && step 90 "benchmarks/scaling.py (GPU columns)" python3 benchmarks/scaling.py $QUICK --passes 1 \
-    --cases cucim,microdecon-plain-gpu,microdecon-accel-gpu --output $BENCH
-cp $BENCH/*.json "$OUT"/ 2>/dev/null
-cat $BENCH/*.md 2>/dev/null | tee -a "$LOG"
+    --cases cucim,microdecon-plain-gpu,microdecon-accel-gpu --output "$BENCH"
+cp "$BENCH"/*.json "$OUT"/ 2>/dev/null
+cat "$BENCH"/*.md 2>/dev/null | tee -a "$LOG"
 grep "^=== " "$LOG"
