@@ -94,7 +94,8 @@ def _check_values(array: Any, name: str, dtype: np.dtype) -> None:
                     f"{name} contains NaN or infinite values ({bad} of {array.size}); "
                     "replace or mask them before deconvolving"
                 )
-        largest = float(xp.abs(array).max()) if array.size else 0.0
+        # the largest magnitude from max and min: abs() would make an image-sized temporary
+        largest = max(float(array.max()), -float(array.min())) if array.size else 0.0
         if largest > LARGEST_VALUE:
             # computed in float32: a restoration can exceed its input (ringing, sharpened peaks),
             # and near float32's end (3.4e38) it overflows to infinity
