@@ -1092,8 +1092,8 @@ def _add_method_flags(parser: argparse.ArgumentParser) -> None:
         "--num-iter",
         type=_num_iter,
         default=None,
-        help="iterations of an iterative method, or 'auto' (default: its own; rl, rl-tv and fista stop "
-        "by themselves when their fit levels off, at most 100)",
+        help="iterations of an iterative method, or 'auto' (default: its own; rl counts them on half "
+        "the voxels against the other half, rl-tv and fista stop when their fit levels off; at most 100)",
     )
     parser.add_argument(
         "--balance", type=float, default=None, help="wiener/tikhonov weight (default: chosen from the data)"

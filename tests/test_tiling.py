@@ -1,6 +1,7 @@
 """Tiling: the plan, seamless stitching (tiled equals whole), Dask in and out, clusters, frames."""
 
 import math
+import sys
 import tracemalloc
 
 import dask.array as da
@@ -57,6 +58,34 @@ def test_tiled_equals_whole_for_every_method(method):
     tiled = md.deconvolve(image, psf, method, tile_shape=tile_shape, device="cpu", **params)
     assert tiled.dtype == np.float32 and tiled.shape == image.shape
     assert _relative_error(tiled, whole) < 1e-3
+
+
+def test_tiles_run_the_count_their_pilot_tile_chose_by_holdout(monkeypatch):
+    # RL's automatic count: measured once by hold-out on the central tile, run by every tile
+    image, psf = _data((12, 110, 97), (5, 9, 9), seed=9)
+    tile_shape = (None, 55, 49)
+    tile_plan = tiling.plan(image.shape, psf, "rl", tile_shape=tile_shape, num_iter="auto")
+    solver = sys.modules["microdecon.restore.richardson_lucy"]._RichardsonLucy
+    counted = []
+    count_by_holdout = solver.count_by_holdout
+
+    def spy(self, *args):
+        counted.append(count_by_holdout(self, *args))
+        return counted[-1]
+
+    monkeypatch.setattr(solver, "count_by_holdout", spy)
+    model = tiling._measure_model(image, psf, METHODS["rl"], tile_plan, {"num_iter": "auto"}, "cpu")
+    count = model.values["rl.iterations"]
+    assert counted == [count] and 3 <= count < 100
+    whole = _whole_under_the_tiles_model(image, psf, "rl", tile_plan, {"num_iter": "auto"})
+    tiled = md.deconvolve(image, psf, "rl", tile_shape=tile_shape, device="cpu", num_iter="auto")
+    assert _relative_error(tiled, whole) < 1e-3
+    with applying(model):
+        fixed = md.richardson_lucy(image, psf, count, device="cpu")
+    np.testing.assert_array_equal(whole, fixed)
+    # counted once per model measured (here, the helper's and the tiler's pilot tile); the four
+    # tiles and the whole volume under the model took the recorded count
+    assert counted == [count] * 3
 
 
 @pytest.mark.parametrize("boundary", ["non-circulant", "periodic", "reflect"])
