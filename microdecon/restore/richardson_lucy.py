@@ -445,14 +445,23 @@ class _RichardsonLucy:
         holdout = _Holdout(self.op.image_shape)
         self.holdout = holdout
         try:
-            self.run(AUTO_MAX_ITER, accelerate=accelerate, progress=progress, rule=holdout)
+            label = "Richardson-Lucy, counting on half the voxels"
+            self.run(AUTO_MAX_ITER, accelerate=accelerate, progress=progress, rule=holdout, label=label)
         finally:
             self.holdout = None
         # the run used up the first estimate's support mask: the real run needs it again
         self.support = None if self.normalization is None else self.normalization > 0
         return max(holdout.best[1], 1)
 
-    def run(self, num_iter: int | str, *, accelerate: bool, progress: bool, rule: StoppingRule):
+    def run(
+        self,
+        num_iter: int | str,
+        *,
+        accelerate: bool,
+        progress: bool,
+        rule: StoppingRule,
+        label: str = "Richardson-Lucy",
+    ):
         from tqdm.auto import tqdm
 
         be = self.be
@@ -482,7 +491,7 @@ class _RichardsonLucy:
         if staged and not accelerate:
             be.copy(self.op.staging_buffer(), current)
         want_divergence = rule.needs_divergence
-        with tqdm(total=limit, desc="Richardson-Lucy", disable=not progress, leave=False) as bar:
+        with tqdm(total=limit, desc=label, disable=not progress, leave=False) as bar:
             for iteration in range(1, limit + 1):
                 measure = plateau is not None and plateau.wants(iteration)
                 if rule.needs_change:
