@@ -65,8 +65,9 @@ MAX_TV = 0.05
 
 #: The weight :func:`richardson_lucy_tv` uses unless told (Dey et al.'s examples use it too). Both
 #: stopping by themselves, on the phantoms of benchmarks/phantoms.py: at 40 photons it restores
-#: filaments and cells 0.6-1.0 dB above RL, at 15 photons cells 1.9-3.2 dB above; at 1000 photons,
-#: where little noise is left to suppress, 1-12 dB below (most on beads, which TV flattens).
+#: filaments and cells 0.5-0.9 dB above RL (RL counting by hold-out; 1.9-3.2 dB above RL's older
+#: plateau stop on cells at 15 photons); at 1000 photons, where little noise is left to suppress,
+#: 1-18 dB below (most on beads, which TV flattens).
 DEFAULT_TV = 0.002
 
 #: ``num_iter="auto"`` for RL (not RL-TV) counts its iterations by hold-out: RL runs on the
