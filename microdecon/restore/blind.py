@@ -466,7 +466,9 @@ class _BlindRichardsonLucy:
         xp, op = self.xp, self.op
         x = self.be.empty(op.object_shape)
         inside = op.restrict(x)
-        xp.multiply(self.image, self.image_scale, out=inside, dtype=np.float32)
+        # a large negative value may overflow to -inf here: harmless, as it is clipped below
+        with np.errstate(over="ignore"):
+            xp.multiply(self.image, self.image_scale, out=inside, dtype=np.float32)
         inside -= self.background
         xp.maximum(inside, 0, out=inside)
         flux = float(inside.mean())
