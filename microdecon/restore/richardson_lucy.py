@@ -357,8 +357,6 @@ class _RichardsonLucy:
         # Tiles of one shape share them (read only): a process makes them once for all.
         key = ("rl.normalization", op.otf_key, op.image_shape, op.boundary)
         self.normalization = reused(key, lambda: normalization_of(op), entries=1)
-        # zero exactly outside the support (only the first estimate needs it, so it is not kept)
-        self.support = None if self.normalization is None else self.normalization > 0
 
     def initial_estimate(self):
         """The observed image less background, mixed with 5% of its mean so that no voxel starts
@@ -377,8 +375,8 @@ class _RichardsonLucy:
         inside += np.float32(INITIAL_FLAT_FRACTION * flux)
         if self.op.object_shape != self.op.image_shape:  # "non-circulant": the margin
             self.op.fill_outside_image(x, flux)
-        if self.support is not None:
-            x *= self.support
+        if self.normalization is not None:  # zero exactly where the data say nothing
+            x *= self.normalization > 0
         return x
 
     def correction(self, estimate, staged: bool = False, divergence: bool = False, sampled: bool = False):
@@ -460,8 +458,6 @@ class _RichardsonLucy:
             self.run(AUTO_MAX_ITER, accelerate=accelerate, progress=progress, rule=holdout, label=label)
         finally:
             self.holdout = None
-        # the run used up the first estimate's support mask: the real run needs it again
-        self.support = None if self.normalization is None else self.normalization > 0
         return min(max(round(holdout.best[1] * HOLDOUT_SCALE), 1), AUTO_MAX_ITER)
 
     def run(
@@ -480,7 +476,6 @@ class _RichardsonLucy:
         limit = plateau.limit if plateau is not None else int(num_iter)
         done = 0
         current = self.initial_estimate()
-        self.support = None  # only the first estimate needed it
         if accelerate:
             # The extrapolation needs the last step h = x_k - x_{k-1} and the last RL update g, but
             # only to move the predicted point and to weigh it by dot products: bfloat16 (2-3
