@@ -524,6 +524,10 @@ def test_holdout_needs_a_psf_that_blurs_the_checkerboard_and_enough_voxels():
     assert not rl_module._holdout_works(np.ones((1, 1, 1)), image)  # a delta: half the voxels unfit
     assert not rl_module._holdout_works(md.psf.gaussian((3, 3, 3), 0.3), image)
     assert not rl_module._holdout_works(md.psf.gaussian((5, 9, 9), 1.0), image[:4, :32, :32])
+    # a single plane: the PSF's axial spread mixes no colours, only its lateral one counts
+    plane = np.ones((1, 128, 128), np.float32)
+    assert not rl_module._holdout_works(md.psf.gaussian((9, 9, 9), (2.0, 0.35, 0.35)), plane)
+    assert rl_module._holdout_works(md.psf.gaussian((9, 9, 9), (2.0, 1.5, 1.5)), plane)
     kept, held = rl_module._checkerboards((3, 4, 5))
     marks = np.zeros((3, 4, 5), int)
     for part in kept:
