@@ -75,25 +75,25 @@ DEFAULT_TV = 0.002
 #: which that run never saw, is measured each iteration. Their noise is independent of what was
 #: fitted, so their misfit falls while the estimate improves and rises once it fits noise; the
 #: count is that misfit's minimum (no new one for HOLDOUT_PATIENCE iterations ends the search),
-#: and RL then runs on all the data for HOLDOUT_SCALE times that many iterations. Measured on 15
-#: problems: within 0.2 dB of the best count on 10 (the misfit plateau stopped 1.4-2.9 dB past
-#: it on the quality stack and the results problem, and 2.3-3.3 dB past it on dim cells), 0.3-1.3
-#: dB short on 4 (a bright cell through the measured light-sheet PSF, Gaussian-PSF cells at 200
-#: photons), and 4.9 dB short on sparse beads at 40 photons, which keep sharpening after the data
-#: stop being predicted any better.
+#: and RL then runs on all the data for HOLDOUT_SCALE times that many iterations. Measured on 27
+#: problems (see HOLDOUT_SCALE): within 0.2 dB of the best count on 17, where the misfit plateau
+#: stopped up to 3.3 dB past it (the quality stack, the results problem, dim cells) or 6 dB short
+#: of it (bright beads); 0.25-1.1 dB short on 8 (dim and Gaussian-PSF cells, the bright cell
+#: through the measured light-sheet PSF, small stacks), 2.4 dB on a small bright cell, and 4.4 dB
+#: on sparse beads at 40 photons, which keep sharpening after the data stop being predicted any
+#: better.
 HOLDOUT_PATIENCE = 5
 
 #: The hold-out run sees half the voxels, so half the light: it starts fitting noise sooner than
 #: a run on all the data, and its count comes early. RL on all the data runs this many times it
 #: (at most AUTO_MAX_ITER; the count is of the iteration whose starting point fit best, one more
-#: than that point's iterations). Measured on 15 problems (the 8 phantom cases, the quality
-#: stack, the results problem, dim cells and filaments, Gaussian-PSF cells): the best count was
-#: 0.9-2.5 times the hold-out's; 1.2 left the least PSNR on the table in total (3.2 dB over the
-#: 14 that are not dim beads, against 6.9 dB for 1.0, 3.3 for 1.3 and 17.4 for the plateau rule).
-#: The early bias grows with the light: on 18 smaller cells and filaments (16x64x64 to
-#: 32x128x128) at 40 photons the count was within 0.2 dB of the best (the plateau lost up to
-#: 2.2 dB), at 1000 photons it lost up to 3 dB on the smallest (the plateau 0.8).
-HOLDOUT_SCALE = 1.2
+#: than that point's iterations). Measured on 27 problems (the 8 phantom cases, the quality
+#: stack, the results problem, dim cells and filaments, Gaussian-PSF cells, and cells and
+#: filaments of 16x64x64 and 24x96x96 at 40, 200 and 1000 photons): the best count was 0.9-2.5
+#: times the hold-out's, more at more light. Summed over the 26 that are not dim beads, the PSNR
+#: left below the best count was 8.4 dB at 1.3, 11.0 at 1.2, 23.9 at 1.0, and 24.8 for the
+#: plateau rule; at 1.3 dim cells (15 photons) lose up to 0.7 dB, small bright stacks up to 2.4.
+HOLDOUT_SCALE = 1.3
 
 #: The checkerboard needs a PSF that spreads each voxel's light over both colours: its response
 #: to the alternating pattern (the highest frequency, relative to the flat one) must be below
@@ -141,8 +141,8 @@ def richardson_lucy(
         Most iterations to run. "auto" (the default) counts them by hold-out, at most 100: RL
         first runs on half the voxels (one colour of a checkerboard) while the misfit of the
         other half, which it never saw, is measured; where that misfit is lowest, further
-        iterations only fit the noise, and RL then runs on all the data for a fifth more (it has
-        twice the light; see ``HOLDOUT_PATIENCE`` and ``HOLDOUT_SCALE``). Noisy data so stop
+        iterations only fit the noise, and RL then runs on all the data for 1.3 times as many
+        (it has twice the light; see ``HOLDOUT_PATIENCE`` and ``HOLDOUT_SCALE``). Noisy data stop
         early (12-20 iterations at 15-40 photons), clean data late (40-100). It costs about
         twice the iterations it chooses. Sparse beads keep sharpening past that count: give
         them a number. With a PSF too narrow to blur the
