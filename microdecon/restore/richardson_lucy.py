@@ -143,7 +143,7 @@ def richardson_lucy(
         other half, which it never saw, is measured; where that misfit is lowest, further
         iterations only fit the noise, and RL then runs on all the data for 1.3 times as many
         (it has twice the light; see ``HOLDOUT_PATIENCE`` and ``HOLDOUT_SCALE``). Noisy data stop
-        early (12-20 iterations at 15-40 photons), clean data late (40-100). It costs about
+        early (13-30 iterations at 15-40 photons), clean data late (25-100). It costs about
         twice the iterations it chooses. Sparse beads keep sharpening past that count: give
         them a number. With a PSF too narrow to blur the
         checkerboard, a tiny image, or ``tv > 0``, "auto" stops when the data's misfit levels
