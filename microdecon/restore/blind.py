@@ -77,10 +77,10 @@ from ..metrics import i_divergence
 from ..operators import Boundary, Convolution
 from ._stopping import StoppingRule
 from .richardson_lucy import (
-    INITIAL_FLAT_FRACTION,
     _extrapolation_weight,
     _load_poisson_data,
     _relative_change,
+    first_estimate,
     normalization_of,
     richardson_lucy,
 )
@@ -462,23 +462,8 @@ class _BlindRichardsonLucy:
         return Convolution(self.psf, self.image_shape, boundary=self.boundary, backend=self.be)
 
     def initial_estimate(self, normalization):
-        """As RL's: the data less background with 5% of their mean, and the mean on the margin."""
-        xp, op = self.xp, self.op
-        x = self.be.empty(op.object_shape)
-        inside = op.restrict(x)
-        # a large negative value may overflow to -inf here: harmless, as it is clipped below
-        with np.errstate(over="ignore"):
-            xp.multiply(self.image, self.image_scale, out=inside, dtype=np.float32)
-        inside -= self.background
-        xp.maximum(inside, 0, out=inside)
-        flux = float(inside.mean())
-        inside *= np.float32(1 - INITIAL_FLAT_FRACTION)
-        inside += np.float32(INITIAL_FLAT_FRACTION * flux)
-        if op.object_shape != op.image_shape:
-            op.fill_outside_image(x, flux)
-        if normalization is not None:
-            x *= normalization > 0
-        return x
+        """As RL's (:func:`~.richardson_lucy.first_estimate`); its mean is not shared by tiles."""
+        return first_estimate(self, self.op, normalization)
 
     def image_steps(self, current, count: int, normalization, accelerate: bool, buffers):
         """``count`` RL steps of the image with the PSF fixed; the extrapolation restarts here, as

@@ -318,6 +318,34 @@ class _Holdout:
         return self.stalled(iteration)
 
 
+def first_estimate(solver: Any, op: Convolution, normalization: Any, flux_name: str | None = None):
+    """The first estimate of an RL-type solver (data set by :func:`_load_poisson_data`): the
+    observed image less background, mixed with 5% of its mean so that no voxel starts at zero
+    (RL's multiplicative update could never lift it); the mean signal on the margin that
+    "non-circulant" adds around the image; zero where ``normalization`` says the data see
+    nothing. ``flux_name``: the mean is shared under that name by the tiles of a volume."""
+    xp = solver.xp
+    x = solver.be.empty(op.object_shape)
+    inside = op.restrict(x)
+    # a large negative value may overflow to -inf here: harmless, as it is clipped below
+    with np.errstate(over="ignore"):
+        xp.multiply(solver.image, solver.image_scale, out=inside, dtype=np.float32)
+    inside -= solver.background
+    xp.maximum(inside, 0, out=inside)
+
+    def mean():
+        return float(inside.mean())
+
+    flux = mean() if flux_name is None else shared(flux_name, mean)
+    inside *= np.float32(1 - INITIAL_FLAT_FRACTION)
+    inside += np.float32(INITIAL_FLAT_FRACTION * flux)
+    if op.object_shape != op.image_shape:  # "non-circulant": the margin
+        op.fill_outside_image(x, flux)
+    if normalization is not None:  # zero exactly where the data say nothing
+        x *= normalization > 0
+    return x
+
+
 def _load_poisson_data(solver: Any, be: Backend, image: Any, background: Any) -> None:
     """Set the data attributes an RL-type solver shares: ``image`` (as given, on the device),
     ``image_has_negatives``, ``scale`` and ``image_scale``, ``background`` at unit scale, and the
@@ -376,25 +404,8 @@ class _RichardsonLucy:
         self.normalization = reused(key, lambda: normalization_of(op), entries=1)
 
     def initial_estimate(self):
-        """The observed image less background, mixed with 5% of its mean so that no voxel starts
-        at zero (RL's multiplicative update could never lift it); the mean signal on the margin
-        that "non-circulant" adds around the image."""
-        xp = self.xp
-        x = self.be.empty(self.op.object_shape)
-        inside = self.op.restrict(x)
-        # a large negative value may overflow to -inf here: harmless, as it is clipped below
-        with np.errstate(over="ignore"):
-            xp.multiply(self.image, self.image_scale, out=inside, dtype=np.float32)
-        inside -= self.background
-        xp.maximum(inside, 0, out=inside)
-        flux = shared("rl.flux", lambda: float(inside.mean()))
-        inside *= np.float32(1 - INITIAL_FLAT_FRACTION)
-        inside += np.float32(INITIAL_FLAT_FRACTION * flux)
-        if self.op.object_shape != self.op.image_shape:  # "non-circulant": the margin
-            self.op.fill_outside_image(x, flux)
-        if self.normalization is not None:  # zero exactly where the data say nothing
-            x *= self.normalization > 0
-        return x
+        """See :func:`first_estimate`; the flux is shared by the tiles of a volume."""
+        return first_estimate(self, self.op, self.normalization, flux_name="rl.flux")
 
     def correction(self, estimate, staged: bool = False, divergence: bool = False, sampled: bool = False):
         """``H^T (y / (H x + b))``, the RL correction before normalization (scratch memory).
