@@ -170,25 +170,8 @@ def run_case(case: str, problem: Path, num_iter: int, checkpoints: list[int]) ->
     deconvolve(callback)
     out.update(psnr=curve, clock=clock, clock_waits_for_device=True)
 
-    if case.startswith("rl-plain-"):
-        # the floor: the four real FFTs one iteration needs, at the same padded size
-        from microdecon.operators import Convolution
-
-        op = Convolution(psf, image.shape, boundary=boundary, backend=backend)
-        plan = op.plan
-        # transform the plan's own buffer where it has one, so no copy is timed
-        x = plan.real if plan.reuses_buffers else backend.xp.ones(op.fft_shape, np.float32)
-        x[...] = 1
-        timings = []
-        for _ in range(5):
-            backend.synchronize()
-            start = time.perf_counter()
-            plan.inverse(plan.forward(x))
-            plan.inverse(plan.forward(x))
-            backend.synchronize()
-            timings.append(time.perf_counter() - start)
-        out["fft_floor_seconds"] = min(timings)
-        out["fft_shape"] = list(op.fft_shape)
+    if case.startswith("rl-plain-"):  # the floor: the four real FFTs an iteration needs
+        out["fft_floor_seconds"], out["fft_shape"] = scaling._fft_floor(psf, image.shape, backend)
     return out
 
 
