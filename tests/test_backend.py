@@ -150,6 +150,40 @@ def test_sum_by_rows_adds_every_element_once(size):
     total = _backend._sum_by_rows(reduction, view, full)
     assert total.real == pytest.approx(float(np.sum(full.astype(np.float64) * full)), rel=1e-12)
 
+    # scalars pass through; a rows-sized multiple takes one pass, the rest its own
+    def scaled(a, factor, axis=None):
+        return np.sum(a.astype(np.float64) * factor, axis=axis)
+
+    assert _backend._sum_by_rows(scaled, a, 3.0, rows=7).real == pytest.approx(
+        3 * float(a.sum(dtype=np.float64))
+    )
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32])
+@pytest.mark.parametrize("background", ["scalar", "per column"])
+def test_divergence_kernel_equals_the_metric_on_strided_views(device, xp_for, dtype, background):
+    from microdecon.metrics import i_divergence
+
+    rng = np.random.default_rng(4)
+    data = rng.poisson(3.0, (9, 40, 37)).astype(dtype)  # zeros among them: 0 log 0 counts as 0
+    blurred = (rng.random((9, 40, 37)) * 4).astype(np.float32)
+    offset = np.float32(0.5) if background == "scalar" else (rng.random(37) + 0.1).astype(np.float32)
+    part = (slice(1, None, 2), slice(None, None, 2), slice(1, None, 2))  # a hold-out colour
+    expected = i_divergence(
+        data[part].astype(np.float32) * 0.25, blurred[part] + np.broadcast_to(offset, data.shape)[part]
+    )
+    be = get_backend(device=device)
+    offset_on_device = (
+        offset if np.ndim(offset) == 0 else xp_for.broadcast_to(xp_for.asarray(offset), data.shape)[part]
+    )
+    got = be.i_divergence(
+        xp_for.asarray(data)[part], xp_for.asarray(blurred)[part], offset_on_device, np.float32(1e-6), 0.25
+    )
+    assert got == pytest.approx(expected, rel=1e-5)
+    assert be.i_divergence(
+        xp_for.asarray(data), xp_for.asarray(data, dtype=np.float32), np.float32(0), np.float32(1e-6)
+    ) == pytest.approx(0, abs=1e-3)
+
 
 @pytest.mark.gpu
 def test_gpu_kernels_match_numpy(device):

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import microdecon as md
+from microdecon._backend import gpu_available
 from microdecon.restore._stopping import AUTO_MAX_ITER
 
 from .conftest import psnr, to_numpy
@@ -471,12 +472,17 @@ def _photon_problem(peak, seed=3, shape=(24, 64, 64)):
     return image, psf, truth * scale
 
 
-def _auto_run(image, psf, background=10.0):
+def _auto_run(image, psf, background=10.0, device="cpu", accelerate=True):
     done = []
     out = md.richardson_lucy(
-        image, psf, background=background, device="cpu", callback=lambda i, e: done.append(i)
+        image,
+        psf,
+        background=background,
+        accelerate=accelerate,
+        device=device,
+        callback=lambda i, e: done.append(i),
     )
-    return out, len(done)
+    return to_numpy(out), len(done)
 
 
 def _best_of_100(image, psf, truth):
@@ -518,6 +524,20 @@ def test_auto_counts_by_holdout_near_the_best_count_where_the_plateau_overshoots
     assert count < plateau_count
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("accelerate", [True, False])
+def test_gpu_counts_by_holdout_as_the_cpu_does(accelerate):
+    # the GPU's hold-out sums its misfit in other chunks and its FFTs round otherwise: the count
+    # may move by one where two iterations' misfits nearly tie, and no more
+    if not gpu_available():
+        pytest.skip("needs CuPy and a CUDA GPU")
+    image, psf, truth = _photon_problem(15, seed=7, shape=(32, 96, 96))
+    cpu, cpu_count = _auto_run(image, psf, accelerate=accelerate)
+    gpu, gpu_count = _auto_run(image, psf, device="gpu", accelerate=accelerate)
+    assert 6 <= cpu_count < 100 and abs(gpu_count - cpu_count) <= 1
+    assert abs(psnr(truth, gpu) - psnr(truth, cpu)) < 0.1
+
+
 def test_holdout_needs_a_psf_that_blurs_the_checkerboard_and_enough_voxels():
     image = np.ones((16, 64, 64), np.float32)
     assert rl_module._holdout_works(md.psf.gaussian((5, 9, 9), 1.0), image)
@@ -535,6 +555,18 @@ def test_holdout_needs_a_psf_that_blurs_the_checkerboard_and_enough_voxels():
     for part in held:
         marks[part] += 10
     np.testing.assert_array_equal(marks, np.where(np.indices((3, 4, 5)).sum(0) % 2, 10, 1))
+
+
+def test_the_counting_run_ends_once_the_count_can_only_be_the_cap():
+    holdout = rl_module._Holdout((4, 8, 8))
+    assert not holdout.stalled(1)  # nothing measured yet
+    holdout.best = (1.0, 76)  # 76 x 1.3 = 98.8: a later minimum could still give 99 or 100
+    assert holdout.count() == 99 and not holdout.stalled(76)
+    holdout.best = (1.0, 77)  # 100.1: the count is the cap whatever follows
+    assert holdout.count() == AUTO_MAX_ITER and holdout.stalled(77)
+    holdout.best = (1.0, 20)
+    assert holdout.count() == 26 and not holdout.stalled(24) and holdout.stalled(25)
+    assert rl_module._Holdout((4, 8, 8)).count() == AUTO_MAX_ITER  # no finite misfit at all
 
 
 def test_auto_stop_does_not_depend_on_the_camera_gain():
