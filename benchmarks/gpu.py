@@ -102,6 +102,7 @@ def measure_size(shape, device: str, with_skimage: bool) -> dict:
         seconds = per_iteration(rl, few, many, backend)
         entry["cases"][name] = {"seconds_per_iteration": seconds, "floor_ratio": seconds / floor}
         print(f"{shape}: {name} {seconds:.4f} s/iteration ({seconds / floor:.2f}x floor)", file=sys.stderr)
+    entry["auto"] = automatic(on_device, psf, device, backend)
     del on_device
 
     signal = np.maximum(image - run_py.BACKGROUND, 0).astype(np.float32)  # the peers have no background
@@ -120,6 +121,30 @@ def measure_size(shape, device: str, with_skimage: bool) -> dict:
     if backend.name == "gpu":
         backend.xp.get_default_memory_pool().free_all_blocks()
     return entry
+
+
+def automatic(data, psf, device: str, backend) -> dict:
+    """``num_iter="auto"`` (accelerated RL): the count it chose, its seconds, and those of the same
+    count given as a number, so that the ratio is what counting by hold-out costs."""
+    done = []
+
+    def auto():
+        done.clear()
+        md.richardson_lucy(
+            data, psf, background=run_py.BACKGROUND, device=device, callback=lambda i, e: done.append(i)
+        )
+
+    auto()  # warm-up
+    seconds = min(timings(auto, backend, 2))
+    count = len(done)
+
+    def fixed_count():
+        md.richardson_lucy(data, psf, count, background=run_py.BACKGROUND, device=device)
+
+    fixed = min(timings(fixed_count, backend, 2))
+    shape = "x".join(map(str, data.shape))
+    print(f"{shape}: num_iter='auto' chose {count} in {seconds:.3f} s; fixed {fixed:.3f} s", file=sys.stderr)
+    return {"iterations": count, "seconds": seconds, "fixed_seconds": fixed}
 
 
 def end_to_end(shape, device: str, folder: Path, runs: int = 2) -> dict:
@@ -225,6 +250,16 @@ def table(result: dict) -> str:
             f"{_cell(entry, 'microdecon-accel', True)} | {_cell(entry, 'cucim')} | "
             f"{_cell(entry, 'skimage')} | {_speedup(entry, 'cucim')} | {_speedup(entry, 'skimage')} |"
         )
+    for entry in result["sizes"]:
+        auto = entry.get("auto")
+        if auto:
+            lines += [
+                "",
+                f'`num_iter="auto"` at {"x".join(map(str, entry["shape"]))} (accelerated RL, data on the '
+                f"device): {auto['iterations']} iterations in {auto['seconds']:.2f} s, against "
+                f"{auto['fixed_seconds']:.2f} s for the same count given as a number "
+                f"({auto['seconds'] / auto['fixed_seconds']:.1f}x: the hold-out run that counts them).",
+            ]
     if result.get("parts"):
         split = result["parts"]
         lines += [
