@@ -359,6 +359,11 @@ KERNEL_NAMES = (
     "multiply_spectrum",
     "copy",
     "i_divergence",
+    "cg_gradient",
+    "poisson_line",
+    "cg_advance",
+    "cg_model_ratio",
+    "combine",
 )
 
 #: Where the data are 0 the I-divergence's term ``y log(y / m)`` is 0: the ratio is raised to this
@@ -468,6 +473,21 @@ def _at_least(values: np.ndarray, floor: float, out: np.ndarray) -> np.ndarray:
     return np.maximum(values, np.float32(floor), out=out)
 
 
+def _divide_data(
+    image: np.ndarray, denominator: np.ndarray, offset: Any, floor, image_scale, clip_image
+) -> None:
+    """RL's ratio on one slab, in place: ``denominator <- max(image * image_scale, 0) /
+    max(denominator + offset, floor)`` (the clip at 0 only with ``clip_image``)."""
+    denominator += offset
+    _at_least(denominator, floor, out=denominator)
+    # a large negative value may overflow to -inf here: harmless, as it is clipped next
+    with np.errstate(over="ignore"):
+        numerator = np.multiply(image, image_scale, dtype=np.float32)
+    if clip_image:
+        _at_least(numerator, 0, out=numerator)
+    np.divide(numerator, denominator, out=denominator)
+
+
 def _numpy_kernels(slabs: _Slabs):
 
     def rl_ratio(image, blurred, background, floor, image_scale=1.0, clip_image=True):
@@ -484,15 +504,8 @@ def _numpy_kernels(slabs: _Slabs):
         def slab(s):
             # the blurred estimate is scratch: the denominator is made where it lies, and the
             # numerator is the only temporary (each one a slab per thread counts in peak memory)
-            denominator = blurred[s]
-            denominator += background[s] if per_voxel else background
-            _at_least(denominator, floor, out=denominator)
-            # a large negative value may overflow to -inf here: harmless, as it is clipped next
-            with np.errstate(over="ignore"):
-                numerator = np.multiply(image[s], image_scale, dtype=np.float32)
-            if clip_image:
-                _at_least(numerator, 0, out=numerator)
-            np.divide(numerator, denominator, out=blurred[s])
+            offset = background[s] if per_voxel else background
+            _divide_data(image[s], blurred[s], offset, floor, image_scale, clip_image)
 
         slabs.map(slab, image)
         return blurred
@@ -578,6 +591,154 @@ def _numpy_kernels(slabs: _Slabs):
         parts = slabs.map(slab, current)
         return sum(p[0] for p in parts), sum(p[1] for p in parts)
 
+    def _relative_update(correction, normalization, s):
+        """w = c / H^T 1 - 1 on one slab (a new array). Where the normalization is 0 it is -1,
+        unmasked: the estimate is 0 there, so RL's update ``x w`` and every product with it are
+        too (the GPU's kernels mask it, for free)."""
+        if normalization is None:
+            return np.subtract(correction[s], np.float32(1))
+        w = np.multiply(correction[s], normalization[s])
+        w -= np.float32(1)
+        return w
+
+    def cg_gradient(correction, estimate, normalization, update, point, has_prev):
+        """RL's update and the inner products conjugate-gradient RL needs, in one pass.
+
+        With ``w = c / H^T 1 - 1`` (:func:`_relative_update`), RL's update is ``u = x w`` and
+        the log-likelihood's gradient ``grad = H^T 1 w``. Returns ``<grad, u>`` and
+        ``<grad, update>`` (the last update, read before ``u`` replaces it: bfloat16 bits or
+        float32; 0 unless ``has_prev``); RL's point ``x + u`` goes into ``point``, which may be
+        the correction's own memory (each slab is read before it is written).
+        """
+
+        def slab(s):
+            w = _relative_update(correction, normalization, s)
+            if normalization is None:
+                gradient = w.copy()
+            else:  # w / (1 / H^T 1); where the normalization is 0 the huge quotient meets x = 0
+                gradient = _at_least(normalization[s], _TINY_RATIO, out=np.empty_like(w))
+                np.divide(w, gradient, out=gradient)
+            own_update = np.multiply(w, estimate[s], out=w)
+            own = float(np.dot(gradient.ravel(), own_update.ravel()))
+            cross = 0.0
+            if has_prev:
+                cross = float(np.dot(gradient.ravel(), _load_step(update[s]).ravel()))
+            _store_step(own_update, update[s])
+            np.add(estimate[s], own_update, out=point[s])
+            return own, cross
+
+        parts = slabs.map(slab, estimate)
+        return math.fsum(p[0] for p in parts), math.fsum(p[1] for p in parts)
+
+    def poisson_line(image, model, step, background, floor, image_scale, length, with_bound, remake=None):
+        """Sums for a Newton step on the Poisson log-likelihood along ``model + t step``.
+
+        ``remake`` = ``(keep, plus)``: first ``step <- keep * step + plus - model`` in the same
+        pass (conjugate-gradient RL's ``H d``, made from ``H`` of RL's point).
+
+        With ``y = max(image * image_scale, 0)``, ``m = max(model + background, floor)`` and
+        ``q = max(m + length * step, floor)``: ``sum(y step / q)``, ``sum(y (step / q)^2)``,
+        ``sum(step)`` and, ``with_bound``, the largest ``t`` that keeps ``m + t step`` positive
+        (``min(m / -step)`` where ``step < 0``; inf if none). Views may be strided.
+        """
+        per_voxel = isinstance(background, np.ndarray) and background.ndim
+        if per_voxel:
+            background = np.broadcast_to(background, model.shape)
+        image_scale, length = np.float32(image_scale), np.float32(length)
+
+        def slab(s):
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                y = np.multiply(image[s], image_scale, dtype=np.float32)
+                _at_least(y, 0, out=y)
+                m = np.add(model[s], background[s] if per_voxel else background, dtype=np.float32)
+                _at_least(m, floor, out=m)
+                h = step[s]
+                if remake is not None:
+                    keep, plus = remake
+                    if keep:
+                        h *= np.float32(keep)
+                        h += plus[s]
+                    else:
+                        np.copyto(h, plus[s])
+                    h -= model[s]
+                if length:
+                    m += length * h
+                    _at_least(m, floor, out=m)
+                np.divide(h, m, out=m)
+                bound = math.inf
+                if with_bound:  # (m + t h) / m = 1 + t h / m: positive for t < -1 / min(h / m)
+                    steepest = float(m.min()) if m.size else 0.0
+                    bound = -1.0 / steepest if steepest < 0 else math.inf
+                first = float(np.dot(y.ravel(), m.ravel()))
+                m *= m
+                second = float(np.dot(y.ravel(), m.ravel()))
+                return first, second, float(h.sum(dtype=np.float64)), bound
+
+        parts = slabs.map(slab, model)
+        return (
+            math.fsum(p[0] for p in parts),
+            math.fsum(p[1] for p in parts),
+            math.fsum(p[2] for p in parts),
+            min(p[3] for p in parts),
+        )
+
+    def cg_advance(estimate, direction, update, beta, length, normalization, floor, fresh):
+        """The search direction ``d <- u + beta d`` (``fresh``: ``d <- u``; ``u`` is RL's update,
+        as :func:`cg_gradient` stored it), then ``x <- max(x + length d, floor)``, and 0 where
+        the normalization is 0 (the gradient's terms there are 0 only because ``x`` is)."""
+        beta, length = np.float32(beta), np.float32(length)
+
+        def slab(s):
+            d = direction[s]
+            if fresh:
+                _load_step(update[s], out=d)
+            else:
+                d *= beta
+                d += _load_step(update[s])
+            value = np.multiply(d, length)
+            value += estimate[s]
+            _at_least(value, floor, out=estimate[s])
+            if normalization is not None:
+                estimate[s] *= normalization[s] > 0
+
+        slabs.map(slab, estimate)
+
+    def cg_model_ratio(image, model, step, length, out, background, floor, image_scale=1.0, clip_image=True):
+        """``model <- model + length step``, then RL's ratio of the data to it into ``out``
+        (as :func:`rl_ratio`), in one pass: conjugate-gradient RL carries its model so."""
+        per_voxel = isinstance(background, np.ndarray) and background.ndim
+        if per_voxel:
+            background = np.broadcast_to(background, image.shape)
+        image_scale, length = np.float32(image_scale), np.float32(length)
+
+        def slab(s):
+            denominator = np.multiply(step[s], length, out=out[s])
+            denominator += model[s]
+            model[s] = denominator
+            offset = background[s] if per_voxel else background
+            _divide_data(image[s], denominator, offset, floor, image_scale, clip_image)
+
+        slabs.map(slab, image)
+        return out
+
+    def combine(out, keep, add, plus, minus=None):
+        """out <- keep * out + add * plus - minus (``keep`` 0 ignores what ``out`` held)."""
+        keep, add = np.float32(keep), np.float32(add)
+
+        def slab(s):
+            target = out[s]
+            if keep == 0:
+                np.multiply(plus[s], add, out=target)
+            else:
+                if keep != 1:
+                    target *= keep
+                target += plus[s] * add if add != 1 else plus[s]
+            if minus is not None:
+                target -= minus[s]
+
+        slabs.map(slab, out)
+        return out
+
     def i_divergence(image, blurred, background, floor, image_scale=1.0):
         """``sum(y log(y / m) - y + m)``, ``y = max(image * image_scale, 0)`` and
         ``m = max(blurred + background, floor)``: the data's I-divergence from the model, in one
@@ -631,7 +792,7 @@ def _numpy_kernels(slabs: _Slabs):
     return {name: kernels[name] for name in KERNEL_NAMES}
 
 
-def _sum_by_rows(reduction: Any, *args: Any, rows: int = 2048) -> complex:
+def _sum_by_rows(reduction: Any, *args: Any, rows: int = 2048, combine: str = "sum") -> complex:
     """``reduction(*args)`` over all elements, computed as partial sums and their sum.
 
     CuPy reduces a whole array to one value with a single thread block (when CUB does not take
@@ -641,7 +802,8 @@ def _sum_by_rows(reduction: Any, *args: Any, rows: int = 2048) -> complex:
     and of one shape they are cut into ``rows`` rows (the remainder that fills no row is
     reduced on its own); otherwise (strided views, broadcasting) they are reduced along their
     last axis, which needs no copy. Arguments that are not arrays (scalars) pass unchanged. The
-    partial sums are added on the device, so the caller waits once.
+    partial sums are added on the device, so the caller waits once. ``combine="min"`` serves a
+    minimum-reduction the same way (its partial minima are reduced by ``min``).
 
     Examples
     --------
@@ -655,7 +817,7 @@ def _sum_by_rows(reduction: Any, *args: Any, rows: int = 2048) -> complex:
     arrays = [i for i, arg in enumerate(args) if getattr(arg, "ndim", 0)]
     first = args[arrays[0]]
     if not all(args[i].flags.c_contiguous and args[i].shape == first.shape for i in arrays):
-        return complex(reduction(*args, axis=-1).sum())
+        return complex(getattr(reduction(*args, axis=-1), combine)())
     whole = first.size - first.size % rows
     flat = list(args)
     for i in arrays:
@@ -667,9 +829,11 @@ def _sum_by_rows(reduction: Any, *args: Any, rows: int = 2048) -> complex:
 
     parts = []
     if whole:
-        parts.append(part(slice(0, whole), (rows, -1), axis=1).sum())
+        parts.append(getattr(part(slice(0, whole), (rows, -1), axis=1), combine)())
     if whole < first.size:
         parts.append(part(slice(whole, None), (-1,)))
+    if combine == "min":
+        return complex(parts[0] if len(parts) == 1 else min(float(parts[0]), float(parts[1])))
     return complex(sum(parts[1:], parts[0]))
 
 
@@ -753,6 +917,104 @@ def _cupy_kernels(cupy: Any):
         np.dtype(np.uint16): step_kernels("uint16"),
         np.dtype(np.float32): step_kernels("float32"),
     }
+
+    relative_update = "T w = inv > (T)0 ? c * inv - (T)1 : (T)0;"
+
+    def cg_kernels(step_type: str):
+        """Conjugate-gradient RL's kernels for RL-update buffers of ``step_type`` (as above)."""
+        if step_type == "uint16":
+            load = "__uint_as_float(((unsigned int)({})) << 16)"
+            keep = "(unsigned short)(__float_as_uint({}) >> 16)"
+        else:
+            load = keep = "({})"
+        name = f"microdecon_cg_{step_type}"
+        gradient = cupy.ReductionKernel(
+            f"T c, T x, T inv, {step_type} prev, bool has_prev",
+            "complex128 y",
+            f"{name}_terms(c, x, inv, {load.format('prev')}, has_prev)",
+            "a + b",
+            "y = a",
+            "complex<double>(0, 0)",
+            f"{name}_gradient",
+            preamble=f"""
+            __device__ complex<double> {name}_terms(float c, float x, float inv, float prev, bool has_prev) {{
+                float w = inv > 0.f ? c * inv - 1.f : 0.f;
+                double g = inv > 0.f ? (double)w / (double)inv : 0.0;
+                return complex<double>(g * (double)(w * x), has_prev ? g * (double)prev : 0.0);
+            }}
+            """,
+        )
+        store = cupy.ElementwiseKernel(
+            "T c, T x, T inv",
+            f"{step_type} update, T point",
+            relative_update + f" T u = w * x; update = {keep.format('u')}; point = x + u;",
+            f"{name}_store",
+        )
+        advance = cupy.ElementwiseKernel(
+            f"{step_type} update, T beta, T length, T inv, T floor_value, bool fresh",
+            "T d, T x",
+            f"T u = {load.format('update')}; d = fresh ? u : d * beta + u;"
+            " T v = x + length * d; v = v > floor_value ? v : floor_value; x = inv > (T)0 ? v : (T)0",
+            f"{name}_advance",
+        )
+        return gradient, store, advance
+
+    by_update_type = {
+        np.dtype(np.uint16): cg_kernels("uint16"),
+        np.dtype(np.float32): cg_kernels("float32"),
+    }
+    line_terms = cupy.ReductionKernel(
+        "I image, T model, T step, T background, T floor_value, T image_scale, T length",
+        "complex128 y",
+        "microdecon_line_terms(image, model, step, background, floor_value, image_scale, length)",
+        "a + b",
+        "y = a",
+        "complex<double>(0, 0)",
+        "microdecon_poisson_line",
+        preamble="""
+        template <typename I, typename T>
+        __device__ complex<double> microdecon_line_terms(I image, T model, T step, T background,
+                                                          T floor_value, T image_scale, T length) {
+            T y = (T)image * image_scale; y = y > (T)0 ? y : (T)0;
+            T m = model + background; m = m > floor_value ? m : floor_value;
+            T q = m + length * step; q = q > floor_value ? q : floor_value;
+            double t = (double)step / (double)q;
+            return complex<double>((double)y * t, (double)y * t * t);
+        }
+        """,
+    )
+    line_sum = cupy.ReductionKernel(
+        "T step", "float64 y", "(double)step", "a + b", "y = a", "0", "microdecon_line_sum"
+    )
+    line_bound = cupy.ReductionKernel(
+        "T model, T step, T background, T floor_value",
+        "float64 y",
+        "microdecon_line_bound(model, step, background, floor_value)",
+        "min(a, b)",
+        "y = a",
+        "1e300",
+        "microdecon_line_bound",
+        preamble="""
+        template <typename T>
+        __device__ double microdecon_line_bound(T model, T step, T background, T floor_value) {
+            T m = model + background; m = m > floor_value ? m : floor_value;
+            return step < (T)0 ? (double)m / -(double)step : 1e300;
+        }
+        """,
+    )
+    model_ratio = cupy.ElementwiseKernel(
+        "I image, T step, T length, T background, T floor_value, T image_scale",
+        "T model, T out",
+        "model = model + length * step; T y = (T)image * image_scale; y = y > (T)0 ? y : (T)0;"
+        " T d = model + background; out = y / (d > floor_value ? d : floor_value)",
+        "microdecon_cg_model_ratio",
+    )
+    linear = cupy.ElementwiseKernel(
+        "T keep, T add, T plus, T minus",
+        "T out",
+        "out = (keep == (T)0 ? (T)0 : keep * out) + add * plus - minus",
+        "microdecon_combine",
+    )
     divergence = cupy.ReductionKernel(
         "I image, T blurred, T background, T floor_value, T image_scale",
         "float64 total",
@@ -804,6 +1066,42 @@ def _cupy_kernels(cupy: Any):
             cross, norm = both.real, both.imag
         store(correction, update_prev)
         return cross, norm
+
+    def _inverse(normalization):
+        return normalization if normalization is not None else cupy.float32(1)
+
+    def cg_gradient(correction, estimate, normalization, update, point, has_prev):
+        gradient, store, _ = by_update_type[update.dtype]
+        inverse = _inverse(normalization)
+        both = _sum_by_rows(gradient, correction, estimate, inverse, update, bool(has_prev))
+        store(correction, estimate, inverse, update, point)  # after the sums: they read the last
+        return both.real, both.imag
+
+    def poisson_line(image, model, step, background, floor, image_scale, length, with_bound, remake=None):
+        if remake is not None:
+            combine(step, remake[0], 1.0, remake[1], model)
+        floor, scale = cupy.float32(floor), cupy.float32(image_scale)
+        terms = _sum_by_rows(line_terms, image, model, step, background, floor, scale, cupy.float32(length))
+        total = _sum_by_rows(line_sum, step).real
+        bound = math.inf
+        if with_bound:
+            bound = _sum_by_rows(line_bound, model, step, background, floor, combine="min").real
+            bound = math.inf if bound >= 1e299 else bound
+        return terms.real, terms.imag, total, bound
+
+    def cg_advance(estimate, direction, update, beta, length, normalization, floor, fresh):
+        advance = by_update_type[update.dtype][2]
+        scalars = (cupy.float32(beta), cupy.float32(length), _inverse(normalization), cupy.float32(floor))
+        advance(update, *scalars, bool(fresh), direction, estimate)
+
+    def cg_model_ratio(image, model, step, length, out, background, floor, image_scale=1.0, clip_image=True):
+        scalars = (cupy.float32(length), background, cupy.float32(floor), cupy.float32(image_scale))
+        model_ratio(image, step, *scalars, model, out)
+        return out
+
+    def combine(out, keep, add, plus, minus=None):
+        subtracted = minus if minus is not None else cupy.float32(0)
+        return linear(cupy.float32(keep), cupy.float32(add), plus, subtracted, out)
 
     def i_divergence(image, blurred, background, floor, image_scale=1.0):
         scalars = (cupy.float32(floor), cupy.float32(image_scale))

@@ -93,6 +93,73 @@ def test_numpy_kernels_match_their_formulas(shape):
     assert np.array_equal(be.copy(np.empty_like(current), current), current)
 
 
+def _conjugate_reference(correction, estimate, inverse, previous):
+    """The conjugate-gradient kernels' outputs, written out with NumPy (float64)."""
+    c, x = correction.astype(np.float64), estimate.astype(np.float64)
+    inv = np.ones_like(c) if inverse is None else inverse.astype(np.float64)
+    w = np.where(inv > 0, c * inv - 1, 0)
+    gradient = np.where(inv > 0, w / np.where(inv > 0, inv, 1), 0)
+    update = x * w
+    return update, float(np.sum(gradient * update)), float(np.sum(gradient * previous)), x + update
+
+
+@pytest.mark.parametrize("shape", [(50,), (7, 300, 301)])
+@pytest.mark.parametrize("update_type", [np.uint16, np.float32])
+@pytest.mark.parametrize("normalized", [True, False])
+def test_conjugate_gradient_kernels_match_their_formulas(shape, update_type, normalized):
+    be = get_backend(device="cpu")
+    rng, f32 = kernel_inputs(shape, seed=5)
+    correction, estimate = f32() + 0.5, f32()
+    inverse = None
+    if normalized:
+        inverse = f32() + 0.8
+        inverse.reshape(-1)[::7] = 0  # voxels the data do not see: the estimate is 0 there
+        estimate.reshape(-1)[::7] = 0
+    previous_values = f32(0.5) * 0.1
+    if normalized:  # RL's last update x w is 0 where the estimate is
+        previous_values.reshape(-1)[::7] = 0
+    update = previous_values.copy() if update_type == np.float32 else _backend.to_bfloat16(previous_values)
+    previous_values = _backend.from_bfloat16(update) if update_type == np.uint16 else previous_values
+    point = np.empty_like(estimate)
+    own, cross = be.cg_gradient(correction, estimate, inverse, update, point, True)
+    expected_update, expected_own, expected_cross, expected_point = _conjugate_reference(
+        correction, estimate, inverse, previous_values
+    )
+    assert own == pytest.approx(expected_own, rel=1e-4) and cross == pytest.approx(expected_cross, rel=1e-3)
+    np.testing.assert_allclose(point, expected_point, rtol=1e-5, atol=1e-6)
+    stored = _backend.from_bfloat16(update) if update_type == np.uint16 else update
+    digits = 2**-7 if update_type == np.uint16 else 1e-6
+    np.testing.assert_allclose(stored, expected_update, rtol=digits, atol=1e-7)
+    # the direction u + beta d, and the step along it, clipped at the floor (0 where unseen)
+    direction = f32(0.5)
+    expected_direction = stored + 0.7 * direction
+    advanced = estimate.copy()
+    be.cg_advance(advanced, direction, update, 0.7, 2.5, inverse, np.float32(1e-3), False)
+    np.testing.assert_allclose(direction, expected_direction, rtol=1e-6, atol=1e-7)
+    expected = np.maximum(estimate + 2.5 * expected_direction, 1e-3)
+    if inverse is not None:
+        expected[inverse == 0] = 0
+    np.testing.assert_allclose(advanced, expected, rtol=1e-5, atol=1e-6)
+    be.cg_advance(advanced, direction, update, 0.7, 1.0, inverse, np.float32(1e-3), True)
+    np.testing.assert_allclose(direction, stored, rtol=1e-6)
+
+
+def test_model_ratio_and_combination_kernels():
+    be = get_backend(device="cpu")
+    rng, f32 = kernel_inputs((6, 300, 301), seed=6)
+    image, model, step, other = (f32() * 100).astype(np.uint16), f32() + 0.2, f32(0.5), f32()
+    out = np.empty_like(model)
+    carried = model.copy()
+    be.cg_model_ratio(image, carried, step, 0.3, out, np.float32(0.1), np.float32(1e-6), 0.01, False)
+    np.testing.assert_allclose(carried, model + 0.3 * step, rtol=1e-6)
+    np.testing.assert_allclose(out, image * 0.01 / np.maximum(model + 0.3 * step + 0.1, 1e-6), rtol=1e-5)
+    combined = step.copy()
+    be.combine(combined, 0.4, 1.0, model, other)
+    np.testing.assert_allclose(combined, 0.4 * step + model - other, rtol=1e-6, atol=1e-7)
+    be.combine(combined, 0.0, 2.0, model)
+    np.testing.assert_allclose(combined, 2 * model, rtol=1e-6)
+
+
 def test_accelerated_update_fuses_prediction_step_update_and_dots():
     be = get_backend(device="cpu")
     rng, f32 = kernel_inputs((9, 200, 150), seed=3)
@@ -232,6 +299,55 @@ def test_gpu_kernels_match_numpy(device):
     otf = (rng.random((8, 33)) + 1j * rng.random((8, 33))).astype(np.complex64)
     got = gpu.multiply_spectrum(cupy.asarray(spectrum), cupy.asarray(otf), True).get()
     np.testing.assert_allclose(got, spectrum * otf.conj(), rtol=1e-6)
+
+    # conjugate-gradient RL's kernels
+    inverse = f32() + 0.8
+    inverse.reshape(-1)[::7] = 0
+    estimate = f32()
+    estimate.reshape(-1)[::7] = 0
+    correction = f32() + 0.5
+    last_update = f32(0.5) * 0.1
+    last_update.reshape(-1)[::7] = 0
+    bits = _backend.to_bfloat16(last_update)
+    cpu_bits, gpu_bits = bits.copy(), cupy.asarray(bits)
+    cpu_point, gpu_point = np.empty_like(estimate), cupy.empty(estimate.shape, np.float32)
+    on_gpu = [cupy.asarray(a) for a in (correction, estimate, inverse)]
+    expected = cpu.cg_gradient(correction, estimate, inverse, cpu_bits, cpu_point, True)
+    got = gpu.cg_gradient(*on_gpu, gpu_bits, gpu_point, True)
+    np.testing.assert_allclose(got, expected, rtol=1e-4)
+    np.testing.assert_allclose(gpu_point.get(), cpu_point, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(gpu_bits.get() >> 1, cpu_bits >> 1)  # the last bit may round otherwise
+    direction = f32(0.5)
+    cpu_direction, gpu_direction = direction.copy(), cupy.asarray(direction)
+    cpu_estimate, gpu_estimate = estimate.copy(), cupy.asarray(estimate)
+    cpu.cg_advance(cpu_estimate, cpu_direction, cpu_bits, 0.7, 2.5, inverse, np.float32(1e-3), False)
+    gpu.cg_advance(gpu_estimate, gpu_direction, gpu_bits, 0.7, 2.5, on_gpu[2], np.float32(1e-3), False)
+    np.testing.assert_allclose(gpu_direction.get(), cpu_direction, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(gpu_estimate.get(), cpu_estimate, rtol=1e-5, atol=1e-6)
+    data, model, step = (f32() * 100).astype(np.uint16), f32() + 0.2, f32(0.5)
+    for length, bound in ((0.0, True), (1.5, False)):
+        args = (np.float32(0.1), np.float32(1e-6), 0.01, length, bound)
+        expected = cpu.poisson_line(data, model, step, *args)
+        got = gpu.poisson_line(cupy.asarray(data), cupy.asarray(model), cupy.asarray(step), *args)
+        np.testing.assert_allclose(got, expected, rtol=1e-4)
+    cpu_model, gpu_model = model.copy(), cupy.asarray(model)
+    cpu_out, gpu_out = np.empty_like(model), cupy.empty(model.shape, np.float32)
+    cpu.cg_model_ratio(data, cpu_model, step, 0.3, cpu_out, np.float32(0.1), np.float32(1e-6), 0.01)
+    gpu.cg_model_ratio(
+        cupy.asarray(data),
+        gpu_model,
+        cupy.asarray(step),
+        0.3,
+        gpu_out,
+        np.float32(0.1),
+        np.float32(1e-6),
+        0.01,
+    )
+    np.testing.assert_allclose(gpu_model.get(), cpu_model, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(gpu_out.get(), cpu_out, rtol=1e-5)
+    combined = cupy.asarray(step)
+    gpu.combine(combined, 0.4, 1.0, cupy.asarray(model), cupy.asarray(data).astype(np.float32))
+    np.testing.assert_allclose(combined.get(), 0.4 * step + model - data, rtol=1e-5, atol=1e-5)
 
 
 def test_import_does_not_load_cupy_or_dask():
