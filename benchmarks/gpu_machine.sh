@@ -51,7 +51,7 @@ wants tests && step 150 "gpu tests" python3 -m pytest -m gpu -q -rfEs --tb=short
 BENCH=$(mktemp -d)  # fresh: a failed step must not pass off an earlier run's JSON as its own
 wants gpu && step 120 "benchmarks/gpu.py" python3 benchmarks/gpu.py $QUICK --output "$BENCH"
 wants results && step 95 "benchmarks/run.py (GPU rows)" python3 benchmarks/run.py $QUICK --tables results \
-    --cases skimage,rl-plain-gpu,rl-accel-gpu --output "$BENCH"
+    --cases skimage,rl-plain-gpu,rl-accel-gpu,rl-cg-gpu --output "$BENCH"
 wants scaling && step 90 "benchmarks/scaling.py (GPU columns)" python3 benchmarks/scaling.py $QUICK --passes 1 \
     --cases cucim,microdecon-plain-gpu,microdecon-accel-gpu --output "$BENCH"
 cp "$BENCH"/*.json "$OUT"/ 2>/dev/null

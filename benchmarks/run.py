@@ -125,7 +125,7 @@ def run_case(case: str, problem: Path, num_iter: int, checkpoints: list[int]) ->
         _backend.set_cpu_fft(library)
     device = "gpu" if on_gpu else "cpu"
     backend = _backend.get_backend(device=device)
-    accelerate = "accel" in case
+    accelerate = "conjugate-gradient" if case.startswith("rl-cg-") else "accel" in case
     boundary = "reflect" if "reflect" in case else "non-circulant"
 
     def deconvolve(callback=None, n=num_iter):
@@ -238,37 +238,44 @@ def summarize(results: dict, shape, num_iter: int, checkpoints: list[int]) -> st
             f"{memory:.1f} | {quality} |"
         )
     lines.append("")
+    schemes = {"accel": "accelerated RL (Biggs–Andrews)", "cg": "conjugate-gradient RL"}
     for lib in libraries:
-        plain, accel = cases.get(f"rl-plain-{lib}"), cases.get(f"rl-accel-{lib}")
-        if not plain or not accel:
+        plain = cases.get(f"rl-plain-{lib}")
+        if not plain:
             continue
         best_iteration = max(plain["psnr"], key=lambda k: plain["psnr"][k])
-        best = plain["psnr"][best_iteration]
-        reach = _first_reaching(accel["psnr"], best)
-        if reach is None:
-            lines.append(f"{lib}: accelerated RL did not reach plain RL's best PSNR ({best:.2f} dB).")
-            continue
-        if lib == "gpu" and not (plain.get("clock_waits_for_device") and accel.get("clock_waits_for_device")):
-            # runs before the clock waited for the GPU: their clocks hid queued work
-            lines.append(
-                f"{lib}: plain RL's best PSNR in {num_iter} iterations is {best:.2f} dB at iteration "
-                f"{best_iteration}; accelerated RL reaches it at iteration {reach} (the clock of this run "
-                "did not wait for the GPU, so no time is given)."
-            )
-            continue
-        plain_time = plain["clock"][best_iteration]
-        accel_time = accel["clock"][str(reach)] if str(reach) in accel["clock"] else accel["clock"][reach]
-        lines.append(
-            f"{lib}: plain RL's best PSNR in {num_iter} iterations is {best:.2f} dB at iteration "
-            f"{best_iteration} ({plain_time:.3g} s); accelerated RL reaches it at iteration {reach} "
-            f"({accel_time:.3g} s): {plain_time / accel_time:.1f}x sooner. Best accelerated PSNR: "
-            f"{max(accel['psnr'].values()):.2f} dB."
-        )
+        for kind, label in schemes.items():
+            accel = cases.get(f"rl-{kind}-{lib}")
+            if accel:
+                lines.append(_sooner(lib, plain, accel, label, best_iteration, num_iter))
     names = {"fftw": "FFTW", "pocketfft": "scipy.fft", "gpu": "cuFFT"}
     measured = [f"{names[lib]} {floor[lib]:.3g} s" for lib in libraries if floor.get(lib)]
     shape = next((case["fft_shape"] for case in cases.values() if "fft_shape" in case), "?")
     lines.append(f"FFT floor (4 real FFTs at {shape}): " + ", ".join(measured) + ".")
     return "\n".join(lines)
+
+
+def _sooner(lib: str, plain: dict, accel: dict, label: str, best_iteration, num_iter: int) -> str:
+    """How much sooner than plain RL an accelerated scheme reaches plain RL's best PSNR."""
+    best = plain["psnr"][best_iteration]
+    reach = _first_reaching(accel["psnr"], best)
+    if reach is None:
+        return f"{lib}: {label} did not reach plain RL's best PSNR ({best:.2f} dB)."
+    if lib == "gpu" and not (plain.get("clock_waits_for_device") and accel.get("clock_waits_for_device")):
+        # runs before the clock waited for the GPU: their clocks hid queued work
+        return (
+            f"{lib}: plain RL's best PSNR in {num_iter} iterations is {best:.2f} dB at iteration "
+            f"{best_iteration}; {label} reaches it at iteration {reach} (the clock of this run did "
+            "not wait for the GPU, so no time is given)."
+        )
+    plain_time = plain["clock"][best_iteration]
+    accel_time = accel["clock"][str(reach)] if str(reach) in accel["clock"] else accel["clock"][reach]
+    return (
+        f"{lib}: plain RL's best PSNR in {num_iter} iterations is {best:.2f} dB at iteration "
+        f"{best_iteration} ({plain_time:.3g} s); {label} reaches it at iteration {reach} "
+        f"({accel_time:.3g} s): {plain_time / accel_time:.1f}x sooner. Its best PSNR: "
+        f"{max(accel['psnr'].values()):.2f} dB."
+    )
 
 
 def machine() -> str:
@@ -307,13 +314,13 @@ def main(argv=None) -> int:
     shape = (32, 128, 128) if args.quick else (64, 256, 256)
     num_iter = 20 if args.quick else 50
     checkpoints = [5, 10, 20] if args.quick else [10, 20, 30, 50]
-    cases = ["skimage", "rl-plain-pocketfft", "rl-accel-pocketfft"]
+    cases = ["skimage", "rl-plain-pocketfft", "rl-accel-pocketfft", "rl-cg-pocketfft"]
     if _backend._pyfftw() is not None:
-        cases += ["rl-plain-fftw", "rl-accel-fftw", "rl-accel-reflect-fftw"]
+        cases += ["rl-plain-fftw", "rl-accel-fftw", "rl-cg-fftw", "rl-accel-reflect-fftw"]
     if _backend.gpu_available():  # on a GPU machine the same command adds the GPU rows
-        cases += ["rl-plain-gpu", "rl-accel-gpu"]
+        cases += ["rl-plain-gpu", "rl-accel-gpu", "rl-cg-gpu"]
     if args.cases:
-        kinds = ("plain", "accel", "accel-reflect")
+        kinds = ("plain", "accel", "cg", "accel-reflect")
         known = {"skimage"} | {f"rl-{kind}-{lib}" for kind in kinds for lib in LIBRARIES}
         cases = args.cases.split(",")
         unknown = sorted(set(cases) - known)

@@ -1004,15 +1004,15 @@ def _cupy_kernels(cupy: Any):
     )
     model_ratio = cupy.ElementwiseKernel(
         "I image, T step, T length, T background, T floor_value, T image_scale",
-        "T model, T out",
+        "T model, T ratio",
         "model = model + length * step; T y = (T)image * image_scale; y = y > (T)0 ? y : (T)0;"
-        " T d = model + background; out = y / (d > floor_value ? d : floor_value)",
+        " T d = model + background; ratio = y / (d > floor_value ? d : floor_value)",
         "microdecon_cg_model_ratio",
     )
     linear = cupy.ElementwiseKernel(
         "T keep, T add, T plus, T minus",
-        "T out",
-        "out = (keep == (T)0 ? (T)0 : keep * out) + add * plus - minus",
+        "T target",
+        "target = (keep == (T)0 ? (T)0 : keep * target) + add * plus - minus",
         "microdecon_combine",
     )
     divergence = cupy.ReductionKernel(
