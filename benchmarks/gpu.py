@@ -92,7 +92,12 @@ def measure_size(shape, device: str, with_skimage: bool) -> dict:
     print(f"{shape}: FFT floor {floor:.4f} s on {fft_shape}", file=sys.stderr, flush=True)
     few, many = (5, 25) if backend.name == "gpu" else (1, 3)
 
-    for name, accelerate in (("microdecon-plain", False), ("microdecon-accel", True)):
+    schemes = (
+        ("microdecon-plain", False),
+        ("microdecon-accel", True),
+        ("microdecon-cg", "conjugate-gradient"),
+    )
+    for name, accelerate in schemes:
 
         def rl(n, accelerate=accelerate, data=on_device):
             return md.richardson_lucy(
@@ -239,15 +244,17 @@ def table(result: dict) -> str:
         f"the device; widefield PSF 31^3, non-circulant boundary; machine: {result['machine']}; "
         f"{result['date']}.",
         "",
-        "| size | FFT grid | cuFFT floor (4 FFTs) | microdecon RL | microdecon accelerated RL | cuCIM RL | "
-        "scikit-image RL (CPU) | microdecon RL vs cuCIM | vs scikit-image |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| size | FFT grid | cuFFT floor (4 FFTs) | microdecon RL | microdecon accelerated RL | "
+        "microdecon conjugate-gradient RL | cuCIM RL | scikit-image RL (CPU) | microdecon RL vs cuCIM | "
+        "vs scikit-image |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for entry in result["sizes"]:
         lines.append(
             f"| {'x'.join(map(str, entry['shape']))} | {'x'.join(map(str, entry['fft_shape']))} | "
             f"{entry['fft_floor_seconds'] * 1e3:.1f} ms | {_cell(entry, 'microdecon-plain', True)} | "
-            f"{_cell(entry, 'microdecon-accel', True)} | {_cell(entry, 'cucim')} | "
+            f"{_cell(entry, 'microdecon-accel', True)} | {_cell(entry, 'microdecon-cg', True)} | "
+            f"{_cell(entry, 'cucim')} | "
             f"{_cell(entry, 'skimage')} | {_speedup(entry, 'cucim')} | {_speedup(entry, 'skimage')} |"
         )
     for entry in result["sizes"]:

@@ -50,7 +50,7 @@ LIMIT=$(python3 -c "import pytest_timeout" 2>/dev/null && echo --timeout=60)  # 
 wants tests && step 150 "gpu tests" python3 -m pytest -m gpu -q -rfEs --tb=short $LIMIT tests
 BENCH=$(mktemp -d)  # fresh: a failed step must not pass off an earlier run's JSON as its own
 wants gpu && step 120 "benchmarks/gpu.py" python3 benchmarks/gpu.py $QUICK --output "$BENCH"
-wants results && step 95 "benchmarks/run.py (GPU rows)" python3 benchmarks/run.py $QUICK --tables results \
+wants results && step 150 "benchmarks/run.py (GPU rows)" python3 benchmarks/run.py $QUICK --tables results \
     --cases skimage,rl-plain-gpu,rl-accel-gpu,rl-cg-gpu --output "$BENCH"
 wants scaling && step 90 "benchmarks/scaling.py (GPU columns)" python3 benchmarks/scaling.py $QUICK --passes 1 \
     --cases cucim,microdecon-plain-gpu,microdecon-accel-gpu --output "$BENCH"
