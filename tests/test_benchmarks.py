@@ -42,6 +42,7 @@ def test_gpu_table_ratios():
         "cases": {
             "microdecon-plain": {"seconds_per_iteration": 0.0015, "floor_ratio": 1.5},
             "microdecon-accel": {"seconds_per_iteration": 0.002, "floor_ratio": 2.0},
+            "microdecon-cg": {"seconds_per_iteration": 0.0025, "floor_ratio": 2.5},
             "cucim": {"seconds_per_iteration": 0.0033},
             "skimage": {"status": "missing", "reason": "not installed"},
         },
@@ -49,6 +50,6 @@ def test_gpu_table_ratios():
     result = {"machine": "test", "date": "2026-11-26", "sizes": [entry], "end_to_end": {}}
     row = gpu.table(result).splitlines()[4]
     assert row == (
-        "| 8x16x16 | 12x20x20 | 1.0 ms | 1.5 ms (1.50x floor) | 2.0 ms (2.00x floor) | 3.3 ms | "
-        "missing | 2.2x | - |"
+        "| 8x16x16 | 12x20x20 | 1.0 ms | 1.5 ms (1.50x floor) | 2.0 ms (2.00x floor) | "
+        "2.5 ms (2.50x floor) | 3.3 ms | missing | 2.2x | - |"
     )
