@@ -792,7 +792,9 @@ def _numpy_kernels(slabs: _Slabs):
     return {name: kernels[name] for name in KERNEL_NAMES}
 
 
-def _sum_by_rows(reduction: Any, *args: Any, rows: int = 2048, combine: str = "sum") -> complex:
+def _sum_by_rows(
+    reduction: Any, *args: Any, rows: int = 2048, combine: str = "sum", to_host: bool = True
+) -> Any:
     """``reduction(*args)`` over all elements, computed as partial sums and their sum.
 
     CuPy reduces a whole array to one value with a single thread block (when CUB does not take
@@ -803,7 +805,8 @@ def _sum_by_rows(reduction: Any, *args: Any, rows: int = 2048, combine: str = "s
     reduced on its own); otherwise (strided views, broadcasting) they are reduced along their
     last axis, which needs no copy. Arguments that are not arrays (scalars) pass unchanged. The
     partial sums are added on the device, so the caller waits once. ``combine="min"`` serves a
-    minimum-reduction the same way (its partial minima are reduced by ``min``).
+    minimum-reduction the same way (its partial minima are reduced by ``min``). ``to_host=False``
+    returns the result on the device (a 0-d array), for callers that fetch several at once.
 
     Examples
     --------
@@ -817,7 +820,8 @@ def _sum_by_rows(reduction: Any, *args: Any, rows: int = 2048, combine: str = "s
     arrays = [i for i, arg in enumerate(args) if getattr(arg, "ndim", 0)]
     first = args[arrays[0]]
     if not all(args[i].flags.c_contiguous and args[i].shape == first.shape for i in arrays):
-        return complex(getattr(reduction(*args, axis=-1), combine)())
+        result = getattr(reduction(*args, axis=-1), combine)()
+        return complex(result) if to_host else result
     whole = first.size - first.size % rows
     flat = list(args)
     for i in arrays:
@@ -832,9 +836,13 @@ def _sum_by_rows(reduction: Any, *args: Any, rows: int = 2048, combine: str = "s
         parts.append(getattr(part(slice(0, whole), (rows, -1), axis=1), combine)())
     if whole < first.size:
         parts.append(part(slice(whole, None), (-1,)))
-    if combine == "min":
-        return complex(parts[0] if len(parts) == 1 else min(float(parts[0]), float(parts[1])))
-    return complex(sum(parts[1:], parts[0]))
+    if len(parts) == 1:
+        result = parts[0]
+    elif combine == "min":
+        result = np.minimum(parts[0], parts[1])  # CuPy's own, for device values
+    else:
+        result = parts[0] + parts[1]
+    return complex(result) if to_host else result
 
 
 def _cupy_kernels(cupy: Any):
@@ -1081,13 +1089,16 @@ def _cupy_kernels(cupy: Any):
         if remake is not None:
             combine(step, remake[0], 1.0, remake[1], model)
         floor, scale = cupy.float32(floor), cupy.float32(image_scale)
-        terms = _sum_by_rows(line_terms, image, model, step, background, floor, scale, cupy.float32(length))
-        total = _sum_by_rows(line_sum, step).real
-        bound = math.inf
+        args = (image, model, step, background, floor, scale, cupy.float32(length))
+        terms = _sum_by_rows(line_terms, *args, to_host=False)
+        values = [terms.real, terms.imag, _sum_by_rows(line_sum, step, to_host=False)]
         if with_bound:
-            bound = _sum_by_rows(line_bound, model, step, background, floor, combine="min").real
-            bound = math.inf if bound >= 1e299 else bound
-        return terms.real, terms.imag, total, bound
+            values.append(
+                _sum_by_rows(line_bound, model, step, background, floor, combine="min", to_host=False)
+            )
+        first, second, total, *bound = (float(v) for v in cupy.stack(values).get())  # one wait
+        bound = math.inf if not bound or bound[0] >= 1e299 else bound[0]
+        return first, second, total, bound
 
     def cg_advance(estimate, direction, update, beta, length, normalization, floor, fresh):
         advance = by_update_type[update.dtype][2]
