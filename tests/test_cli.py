@@ -184,6 +184,12 @@ def test_every_method_runs_from_the_command_with_its_own_flags(tmp_path, capsys,
     assert "progress" in seen["rl-tv"] and "progress" not in seen["inverse"]
     assert main(["demo", "-q", "--method", "rl", "--tv", "0.01", "--tol", "1e-3", "-o", str(tmp_path)]) == 0
     assert calls[-1][1]["tv"] == 0.01 and calls[-1][1]["tol"] == 1e-3
+    for flag, value in (("conjugate-gradient", "conjugate-gradient"), ("none", False)):
+        assert main(["demo", "-q", "--method", "rl", "--accelerate", flag, "-o", str(tmp_path)]) == 0
+        assert calls[-1][1]["accelerate"] == value
+    capsys.readouterr()
+    assert main(["demo", "-q", "--method", "wiener", "--accelerate", "none", "-o", str(tmp_path)]) == 2
+    assert "--accelerate does not apply to --method wiener" in capsys.readouterr().err
     capsys.readouterr()
     assert main(["demo", "-q", "--method", "wiener", "--num-iter", "5", "-o", str(tmp_path)]) == 2
     assert "--num-iter does not apply to --method wiener" in capsys.readouterr().err
