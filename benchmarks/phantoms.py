@@ -296,6 +296,11 @@ def run_case(case: dict, shape: tuple[int, ...], quick: bool) -> dict:
     rows = [
         guarded("rl (accelerated)", "microdecon", lambda: follow(method("rl"), truth, rl_n, "auto", 5)),
         guarded(
+            "rl (conjugate gradient)",
+            "microdecon",
+            lambda: follow(method("rl", accelerate="conjugate-gradient"), truth, rl_n, "auto", 5),
+        ),
+        guarded(
             "rl (plain)",
             "microdecon",
             lambda: follow(method("rl", accelerate=False), truth, plain_n, "auto", 10),
@@ -481,6 +486,7 @@ def table(result: dict) -> str:
 STYLE = {
     # one colour per method in every panel; peers dashed or with markers
     "rl (accelerated)": ("tab:blue", "-"),
+    "rl (conjugate gradient)": ("navy", "-"),
     "rl (plain)": ("tab:cyan", "-"),
     "rl-tv": ("tab:green", "-"),
     "fista": ("tab:purple", "-"),

@@ -122,6 +122,13 @@ def run(quick: bool) -> dict:
     # each iterative method runs at least its default count, so the table shows its peak
     rows = [
         iterative("rl (accelerated)", method("rl"), truth, 2 * n, default="auto"),
+        iterative(
+            "rl (conjugate gradient)",
+            method("rl", accelerate="conjugate-gradient"),
+            truth,
+            2 * n,
+            default="auto",
+        ),
         iterative("rl (plain)", method("rl", accelerate=False), truth, 2 * n, default="auto"),
         iterative("rl-tv", method("rl-tv"), truth, 2 * n, default="auto"),
         iterative("landweber", method("landweber"), truth, 200),

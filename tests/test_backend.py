@@ -331,6 +331,7 @@ def test_gpu_kernels_match_numpy(device):
     direction = f32(0.5)
     cpu_direction, gpu_direction = direction.copy(), cupy.asarray(direction)
     cpu_estimate, gpu_estimate = estimate.copy(), cupy.asarray(estimate)
+    gpu_bits = cupy.asarray(cpu_bits)  # the same update on both, so that only the step is compared
     cpu.cg_advance(cpu_estimate, cpu_direction, cpu_bits, 0.7, 2.5, inverse, np.float32(1e-3), False)
     gpu.cg_advance(gpu_estimate, gpu_direction, gpu_bits, 0.7, 2.5, on_gpu[2], np.float32(1e-3), False)
     np.testing.assert_allclose(gpu_direction.get(), cpu_direction, rtol=1e-5, atol=1e-6)
