@@ -337,6 +337,13 @@ def estimate_psf_blind(
             "the support of the estimated PSF, which the image must cover; crop the guess"
         )
     num_iter = _validate.check_int(num_iter, "num_iter", minimum=0)
+    if isinstance(accelerate, str) and accelerate != "biggs-andrews":
+        raise ValueError(
+            f"accelerate must be True, False or 'biggs-andrews' for blind RL, got {accelerate!r} "
+            "(conjugate gradients are richardson_lucy's)"
+        )
+    if not isinstance(accelerate, (bool, np.bool_, str)):
+        raise TypeError(f"accelerate must be a bool, got {type(accelerate).__name__}")
     image_iter = _validate.check_int(image_iter, "image_iter", minimum=1)
     psf_iter = _validate.check_int(psf_iter, "psf_iter", minimum=1)
     mask = _check_mask(psf_mask, tuple(psf.shape))
