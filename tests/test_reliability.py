@@ -22,6 +22,8 @@ from microdecon.restore import METHODS
 CALLS = {
     "richardson_lucy": (md.richardson_lucy, dict(num_iter=3)),
     "richardson_lucy_auto": (md.richardson_lucy, {}),  # stops by itself (up to 100 iterations)
+    "richardson_lucy_cg": (md.richardson_lucy, dict(num_iter=3, accelerate="conjugate-gradient")),
+    "richardson_lucy_cg_auto": (md.richardson_lucy, dict(accelerate="conjugate-gradient")),
     "richardson_lucy_tv": (md.restore.richardson_lucy_tv, dict(num_iter=3)),
     "blind_richardson_lucy": (md.restore.blind_richardson_lucy, dict(num_iter=2)),
     "wiener": (md.wiener, dict(balance=1e-2)),

@@ -49,6 +49,11 @@ REFRESH = 4
 #: fraction (a direction that barely ascends is still followed a little), at most this far.
 MIN_STEP, MAX_STEP = 0.05, 50.0
 
+#: A larger Polak–Ribière weight means the last gradient all but vanished (a converged
+#: estimate, or a PSF that is a delta): the direction restarts from RL's update instead. On the
+#: benchmark problem the weights stayed below 2.5.
+MAX_BETA = 10.0
+
 #: The step stays this fraction short of where the model would reach zero somewhere.
 DOMAIN_MARGIN = 0.9
 
@@ -56,9 +61,10 @@ DOMAIN_MARGIN = 0.9
 #: quadratic model's maximum). Two were as good as three in every case measured.
 NEWTON_STEPS = 2
 
-#: New estimate values are floored at this (unit scale, where the data peak at 1): an EM-scaled
+#: New estimate values are floored at this fraction of the first estimate's mean: an EM-scaled
 #: gradient is zero where the estimate is, so a voxel clipped to zero could never come back.
-ESTIMATE_FLOOR = np.float32(1e-7)
+#: (An image of zeros has a mean of 0, and stays 0.)
+FLOOR_FRACTION = 1e-6
 
 
 class ConjugateGradient:
@@ -94,6 +100,7 @@ class ConjugateGradient:
         self.scratch = blurred  # the operator's last output: where the next ratio is made
         self.pending = None  # the step not yet carried into the model (None: scratch holds it)
         self.norm = 0.0  # <grad, P grad> of the last iteration: the Polak–Ribière denominator
+        self.floor = np.float32(FLOOR_FRACTION * solver.flux)
 
     def iterate(self, iteration: int, estimate: Any, divergence: bool, sampled: bool, last: bool) -> None:
         """One iteration: ``estimate`` (object-shaped) is advanced in place; ``last`` (no
@@ -118,13 +125,15 @@ class ConjugateGradient:
         beta = 0.0
         if not first and self.norm > 0 and math.isfinite(own) and math.isfinite(cross):
             beta = max(0.0, (own - cross) / self.norm)  # Polak–Ribière, restarted when negative
+            if beta > MAX_BETA:  # the last gradient vanished (converged): a fresh start
+                beta = 0.0
         beta = shared_step("rl.cg.beta", iteration, beta)
         self.norm = own
         fresh = first or beta == 0
         blurred = op.forward(None if staged else point, staged=staged)  # H of RL's point
         # H d <- (H z - H x) + beta H d: RL's update is z - x, and the blur is linear
         length = shared_step("rl.cg.step", iteration, self.step_length((0.0 if fresh else beta, blurred)))
-        args = (beta, length, normalization, ESTIMATE_FLOOR, fresh)
+        args = (beta, length, normalization, self.floor, fresh)
         be.cg_advance(estimate, self.direction, self.update, *args)
         self.pending = None
         if last:

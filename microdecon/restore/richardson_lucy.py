@@ -364,6 +364,7 @@ def first_estimate(solver: Any, op: Convolution, normalization: Any, flux_name: 
         return float(inside.sum(axis=-1).sum(dtype=np.float64)) / inside.size
 
     flux = mean() if flux_name is None else shared(flux_name, mean)
+    solver.flux = flux  # the mean signal: a scale for floors (conjugate-gradient RL's)
     inside *= np.float32(1 - INITIAL_FLAT_FRACTION)
     inside += np.float32(INITIAL_FLAT_FRACTION * flux)
     if op.object_shape != op.image_shape:  # "non-circulant": the margin
