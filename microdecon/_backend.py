@@ -624,6 +624,8 @@ def _numpy_kernels(slabs: _Slabs):
             if has_prev:
                 cross = float(np.dot(gradient.ravel(), _load_step(update[s]).ravel()))
             _store_step(own_update, update[s])
+            if update.dtype == np.uint16:  # the point as the direction will see the update: rounded
+                from_bfloat16(update[s], out=own_update)
             np.add(estimate[s], own_update, out=point[s])
             return own, cross
 
@@ -685,7 +687,9 @@ def _numpy_kernels(slabs: _Slabs):
     def cg_advance(estimate, direction, update, beta, length, normalization, floor, fresh):
         """The search direction ``d <- u + beta d`` (``fresh``: ``d <- u``; ``u`` is RL's update,
         as :func:`cg_gradient` stored it), then ``x <- max(x + length d, floor)``, and 0 where
-        the normalization is 0 (the gradient's terms there are 0 only because ``x`` is)."""
+        the normalization is 0 (the gradient's terms there are 0 only because ``x`` is).
+        Returns how much the clip at the floor added, ``sum(max(floor - x - length d, 0))``,
+        and the step's size, ``sum(|length d|)`` (where the normalization is not 0)."""
         beta, length = np.float32(beta), np.float32(length)
 
         def slab(s):
@@ -696,12 +700,18 @@ def _numpy_kernels(slabs: _Slabs):
                 d *= beta
                 d += _load_step(update[s])
             value = np.multiply(d, length)
+            seen = normalization[s] > 0 if normalization is not None else True
+            stepped = float(np.abs(value).sum(where=seen, dtype=np.float64))
             value += estimate[s]
+            short = np.subtract(floor, value)
+            clipped = float(np.maximum(short, 0, out=short).sum(where=seen, dtype=np.float64))
             _at_least(value, floor, out=estimate[s])
             if normalization is not None:
-                estimate[s] *= normalization[s] > 0
+                estimate[s] *= seen
+            return clipped, stepped
 
-        slabs.map(slab, estimate)
+        parts = slabs.map(slab, estimate)
+        return math.fsum(p[0] for p in parts), math.fsum(p[1] for p in parts)
 
     def cg_model_ratio(image, model, step, length, out, background, floor, image_scale=1.0, clip_image=True):
         """``model <- model + length step``, then RL's ratio of the data to it into ``out``
@@ -955,7 +965,8 @@ def _cupy_kernels(cupy: Any):
         store = cupy.ElementwiseKernel(
             "T c, T x, T inv",
             f"{step_type} update, T point",
-            relative_update + f" T u = w * x; update = {keep.format('u')}; point = x + u;",
+            relative_update
+            + f" T u = w * x; update = {keep.format('u')}; point = x + {load.format('update')};",
             f"{name}_store",
         )
         advance = cupy.ElementwiseKernel(
@@ -965,7 +976,26 @@ def _cupy_kernels(cupy: Any):
             " T v = x + length * d; v = v > floor_value ? v : floor_value; x = inv > (T)0 ? v : (T)0",
             f"{name}_advance",
         )
-        return gradient, store, advance
+        # what the advance's clip at the floor will add, and the step's size (before it runs)
+        clip_sums = cupy.ReductionKernel(
+            f"T x, T d, {step_type} update, T beta, T length, T inv, T floor_value, bool fresh",
+            "complex128 y",
+            f"{name}_clip(x, d, {load.format('update')}, beta, length, inv, floor_value, fresh)",
+            "a + b",
+            "y = a",
+            "complex<double>(0, 0)",
+            f"{name}_clip_sums",
+            preamble=f"""
+            __device__ complex<double> {name}_clip(float x, float d, float u, float beta, float length,
+                                                   float inv, float floor_value, bool fresh) {{
+                if (!(inv > 0.f)) return complex<double>(0, 0);
+                float step = length * (fresh ? u : d * beta + u);
+                float v = x + step;
+                return complex<double>(v < floor_value ? (double)(floor_value - v) : 0.0, fabs((double)step));
+            }}
+            """,
+        )
+        return gradient, store, advance, clip_sums
 
     by_update_type = {
         np.dtype(np.uint16): cg_kernels("uint16"),
@@ -1079,7 +1109,7 @@ def _cupy_kernels(cupy: Any):
         return normalization if normalization is not None else cupy.float32(1)
 
     def cg_gradient(correction, estimate, normalization, update, point, has_prev):
-        gradient, store, _ = by_update_type[update.dtype]
+        gradient, store, _, _ = by_update_type[update.dtype]
         inverse = _inverse(normalization)
         both = _sum_by_rows(gradient, correction, estimate, inverse, update, bool(has_prev))
         store(correction, estimate, inverse, update, point)  # after the sums: they read the last
@@ -1101,9 +1131,11 @@ def _cupy_kernels(cupy: Any):
         return first, second, total, bound
 
     def cg_advance(estimate, direction, update, beta, length, normalization, floor, fresh):
-        advance = by_update_type[update.dtype][2]
+        _, _, advance, clip_sums = by_update_type[update.dtype]
         scalars = (cupy.float32(beta), cupy.float32(length), _inverse(normalization), cupy.float32(floor))
+        sums = _sum_by_rows(clip_sums, estimate, direction, update, *scalars, bool(fresh))
         advance(update, *scalars, bool(fresh), direction, estimate)
+        return sums.real, sums.imag
 
     def cg_model_ratio(image, model, step, length, out, background, floor, image_scale=1.0, clip_image=True):
         scalars = (cupy.float32(length), background, cupy.float32(floor), cupy.float32(image_scale))

@@ -126,10 +126,12 @@ def test_conjugate_gradient_kernels_match_their_formulas(shape, update_type, nor
         correction, estimate, inverse, previous_values
     )
     assert own == pytest.approx(expected_own, rel=1e-4) and cross == pytest.approx(expected_cross, rel=1e-3)
-    np.testing.assert_allclose(point, expected_point, rtol=1e-5, atol=1e-6)
     stored = _backend.from_bfloat16(update) if update_type == np.uint16 else update
     digits = 2**-7 if update_type == np.uint16 else 1e-6
     np.testing.assert_allclose(stored, expected_update, rtol=digits, atol=1e-7)
+    # RL's point is made from the update as stored, so that it and the direction agree
+    np.testing.assert_allclose(point, estimate + stored, rtol=1e-6, atol=1e-7)
+    assert np.all(np.abs(point - expected_point) <= digits * np.abs(expected_update) + 1e-6)
     # the direction u + beta d, and the step along it, clipped at the floor (0 where unseen)
     direction = f32(0.5)
     expected_direction = stored + 0.7 * direction
@@ -332,8 +334,13 @@ def test_gpu_kernels_match_numpy(device):
     cpu_direction, gpu_direction = direction.copy(), cupy.asarray(direction)
     cpu_estimate, gpu_estimate = estimate.copy(), cupy.asarray(estimate)
     gpu_bits = cupy.asarray(cpu_bits)  # the same update on both, so that only the step is compared
-    cpu.cg_advance(cpu_estimate, cpu_direction, cpu_bits, 0.7, 2.5, inverse, np.float32(1e-3), False)
-    gpu.cg_advance(gpu_estimate, gpu_direction, gpu_bits, 0.7, 2.5, on_gpu[2], np.float32(1e-3), False)
+    clip_cpu = cpu.cg_advance(
+        cpu_estimate, cpu_direction, cpu_bits, 0.7, 2.5, inverse, np.float32(1e-3), False
+    )
+    clip_gpu = gpu.cg_advance(
+        gpu_estimate, gpu_direction, gpu_bits, 0.7, 2.5, on_gpu[2], np.float32(1e-3), False
+    )
+    np.testing.assert_allclose(clip_gpu, clip_cpu, rtol=1e-4)
     np.testing.assert_allclose(gpu_direction.get(), cpu_direction, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(gpu_estimate.get(), cpu_estimate, rtol=1e-5, atol=1e-6)
     data, model, step = (f32() * 100).astype(np.uint16), f32() + 0.2, f32(0.5)
@@ -342,6 +349,37 @@ def test_gpu_kernels_match_numpy(device):
         expected = cpu.poisson_line(data, model, step, *args)
         got = gpu.poisson_line(cupy.asarray(data), cupy.asarray(model), cupy.asarray(step), *args)
         np.testing.assert_allclose(got, expected, rtol=1e-4)
+    # the first pass that also makes H d, a per-column background, strided views
+    column = (rng.random(model.shape[-1]) * 0.2).astype(np.float32)
+    part = (slice(None), slice(1, None, 2), slice(None))
+    cpu_step, gpu_step = step.copy(), cupy.asarray(step)
+    offset_cpu = np.broadcast_to(column, model.shape)[part]
+    offset_gpu = cupy.broadcast_to(cupy.asarray(column), model.shape)[part]
+    expected = cpu.poisson_line(
+        data[part],
+        model[part],
+        cpu_step[part],
+        offset_cpu,
+        np.float32(1e-6),
+        0.01,
+        0.0,
+        True,
+        (0.4, model[part] * 2),
+    )
+    plus = cupy.asarray(model)[part] * 2
+    got = gpu.poisson_line(
+        cupy.asarray(data)[part],
+        cupy.asarray(model)[part],
+        gpu_step[part],
+        offset_gpu,
+        np.float32(1e-6),
+        0.01,
+        0.0,
+        True,
+        (0.4, plus),
+    )
+    np.testing.assert_allclose(got, expected, rtol=1e-4)
+    np.testing.assert_allclose(gpu_step.get(), cpu_step, rtol=1e-5, atol=1e-6)
     cpu_model, gpu_model = model.copy(), cupy.asarray(model)
     cpu_out, gpu_out = np.empty_like(model), cupy.empty(model.shape, np.float32)
     cpu.cg_model_ratio(data, cpu_model, step, 0.3, cpu_out, np.float32(0.1), np.float32(1e-6), 0.01)

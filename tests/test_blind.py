@@ -329,7 +329,7 @@ def test_an_empty_image_gives_zeros_and_the_start():
         ({"psf_mask": ~np.eye(5, dtype=bool)}, ValueError, "psf_mask must include the PSF's centre"),
         ({"device": "tpu"}, ValueError, "device must be"),
         ({"accelerate": "conjugate-gradient"}, ValueError, "conjugate gradients are richardson_lucy's"),
-        ({"accelerate": None}, TypeError, "accelerate must be a bool"),
+        ({"accelerate": None}, TypeError, "accelerate must be a bool or 'biggs-andrews'"),
     ],
 )
 def test_bad_parameters_are_named(kwargs, error, match):

@@ -343,7 +343,7 @@ def estimate_psf_blind(
             "(conjugate gradients are richardson_lucy's)"
         )
     if not isinstance(accelerate, (bool, np.bool_, str)):
-        raise TypeError(f"accelerate must be a bool, got {type(accelerate).__name__}")
+        raise TypeError(f"accelerate must be a bool or 'biggs-andrews', got {type(accelerate).__name__}")
     image_iter = _validate.check_int(image_iter, "image_iter", minimum=1)
     psf_iter = _validate.check_int(psf_iter, "psf_iter", minimum=1)
     mask = _check_mask(psf_mask, tuple(psf.shape))

@@ -268,7 +268,10 @@ def _acceleration(accelerate: Any, tv: float) -> str | None:
         raise ValueError(f"accelerate must be True, False, {choices}; got {accelerate!r}")
     scheme = ACCELERATIONS[accelerate]
     if scheme == "conjugate-gradient" and tv > 0:
-        raise ValueError("accelerate='conjugate-gradient' does not take tv > 0 (use True)")
+        raise ValueError(
+            "accelerate='conjugate-gradient' does not take tv > 0: RL-TV's one-step-late factor "
+            "needs accelerate=True (Biggs–Andrews) or False"
+        )
     return scheme
 
 
