@@ -16,11 +16,11 @@ and the method slowed to steepest ascent). New estimates are clipped at a small 
 the preconditioner is ``x``, so a voxel at 0 could never move again.
 
 Measured on the benchmark problem (64x256x256, widefield PSF, Poisson noise): plain RL's best
-PSNR in 50 iterations is reached after 8 of these, against 15 Biggs–Andrews iterations; on the 8
-phantom cases of ``benchmarks/phantoms.py`` after 6-11 against 15-18 in seven (the eighth peaks
-0.01 dB short), with a best PSNR within 0.2 dB of Biggs–Andrews' or above it in seven. Its
+PSNR in 50 iterations is reached after 7 of these, against 15 Biggs–Andrews iterations; on the 8
+phantom cases of ``benchmarks/phantoms.py`` after 6-10 against 15-18, with a best PSNR within
+0.05 dB of Biggs–Andrews' or above it in seven (bright beads, mostly at the floor: lower). Its
 PSNR also falls faster past the peak on noisy data, so the hold-out count (``num_iter="auto"``)
-lands further from the best (0.6 dB on a dim cell).
+lands further from the best (0.3-0.4 dB on dim cells and filaments).
 
 References
 ----------

@@ -151,7 +151,7 @@ def richardson_lucy(
         size of the estimate. "conjugate-gradient" ascends the Poisson likelihood along
         conjugate directions, with RL's update as the preconditioned gradient and an exact line
         search (see :mod:`microdecon.restore._conjugate`): fewer iterations still (plain RL's
-        best of 50 in 6-11, against 15-18), each 1.2-1.4x as dear on the CPU, for two more
+        best of 50 in 6-10, against 15-18), each 1.3x as dear on the CPU, for two more
         image-sized buffers; its quality falls faster past the best count, which "auto" finds
         less closely. Not with ``tv > 0``. False runs plain RL.
     tv : float, 0 to 0.05
