@@ -632,16 +632,20 @@ def _numpy_kernels(slabs: _Slabs):
         parts = slabs.map(slab, estimate)
         return math.fsum(p[0] for p in parts), math.fsum(p[1] for p in parts)
 
-    def poisson_line(image, model, step, background, floor, image_scale, length, with_bound, remake=None):
+    def poisson_line(
+        image, model, step, background, floor, image_scale, length, with_bound, remake=None, clip_image=True
+    ):
         """Sums for a Newton step on the Poisson log-likelihood along ``model + t step``.
 
         ``remake`` = ``(keep, plus)``: first ``step <- keep * step + plus - model`` in the same
         pass (conjugate-gradient RL's ``H d``, made from ``H`` of RL's point).
 
         With ``y = max(image * image_scale, 0)``, ``m = max(model + background, floor)`` and
-        ``q = max(m + length * step, floor)``: ``sum(y step / q)``, ``sum(y (step / q)^2)``,
-        ``sum(step)`` and, ``with_bound``, the largest ``t`` that keeps ``m + t step`` positive
-        (``min(m / -step)`` where ``step < 0``; inf if none). Views may be strided.
+        ``q = max(m + length * step, floor)``: ``sum(y step / q)``, ``sum(y (step / q)^2)``, and,
+        ``with_bound`` (they do not depend on ``length``: the first pass asks), ``sum(step)`` and
+        the largest ``t`` that keeps ``m + t step`` positive (``min(m / -step)`` where
+        ``step < 0``; inf if none; without ``with_bound`` 0 and inf). Views may be strided.
+        ``clip_image`` False skips the max with 0 for data known to be non-negative.
         """
         per_voxel = isinstance(background, np.ndarray) and background.ndim
         if per_voxel:
@@ -651,7 +655,8 @@ def _numpy_kernels(slabs: _Slabs):
         def slab(s):
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
                 y = np.multiply(image[s], image_scale, dtype=np.float32)
-                _at_least(y, 0, out=y)
+                if clip_image:
+                    _at_least(y, 0, out=y)
                 m = np.add(model[s], background[s] if per_voxel else background, dtype=np.float32)
                 _at_least(m, floor, out=m)
                 h = step[s]
@@ -667,14 +672,15 @@ def _numpy_kernels(slabs: _Slabs):
                     m += length * h
                     _at_least(m, floor, out=m)
                 np.divide(h, m, out=m)
-                bound = math.inf
+                bound, total = math.inf, 0.0
                 if with_bound:  # (m + t h) / m = 1 + t h / m: positive for t < -1 / min(h / m)
                     steepest = float(m.min()) if m.size else 0.0
                     bound = -1.0 / steepest if steepest < 0 else math.inf
+                    total = float(h.sum(dtype=np.float64))
                 first = float(np.dot(y.ravel(), m.ravel()))
                 m *= m
                 second = float(np.dot(y.ravel(), m.ravel()))
-                return first, second, float(h.sum(dtype=np.float64)), bound
+                return first, second, total, bound
 
         parts = slabs.map(slab, model)
         return (
@@ -700,15 +706,17 @@ def _numpy_kernels(slabs: _Slabs):
                 d *= beta
                 d += _load_step(update[s])
             value = np.multiply(d, length)
-            seen = normalization[s] > 0 if normalization is not None else True
-            stepped = float(np.abs(value).sum(where=seen, dtype=np.float64))
+            stepped = float(np.abs(value).sum())  # d is 0 where the data see nothing
             value += estimate[s]
             short = np.subtract(floor, value)
-            clipped = float(np.maximum(short, 0, out=short).sum(where=seen, dtype=np.float64))
+            clipped = float(np.maximum(short, 0, out=short).sum())
             _at_least(value, floor, out=estimate[s])
             if normalization is not None:
+                seen = normalization[s] > 0
                 estimate[s] *= seen
-            return clipped, stepped
+                # unseen voxels were 0 and stay 0: what the sum gave them at the floor is not clipping
+                clipped -= float(floor) * (seen.size - np.count_nonzero(seen))
+            return max(clipped, 0.0), stepped
 
         parts = slabs.map(slab, estimate)
         return math.fsum(p[0] for p in parts), math.fsum(p[1] for p in parts)
@@ -1115,20 +1123,25 @@ def _cupy_kernels(cupy: Any):
         store(correction, estimate, inverse, update, point)  # after the sums: they read the last
         return both.real, both.imag
 
-    def poisson_line(image, model, step, background, floor, image_scale, length, with_bound, remake=None):
+    def poisson_line(
+        image, model, step, background, floor, image_scale, length, with_bound, remake=None, clip_image=True
+    ):
         if remake is not None:
             combine(step, remake[0], 1.0, remake[1], model)
         floor, scale = cupy.float32(floor), cupy.float32(image_scale)
         args = (image, model, step, background, floor, scale, cupy.float32(length))
         terms = _sum_by_rows(line_terms, *args, to_host=False)
-        values = [terms.real, terms.imag, _sum_by_rows(line_sum, step, to_host=False)]
+        values = [terms.real, terms.imag]
         if with_bound:
+            values.append(_sum_by_rows(line_sum, step, to_host=False))
             values.append(
                 _sum_by_rows(line_bound, model, step, background, floor, combine="min", to_host=False)
             )
-        first, second, total, *bound = (float(v) for v in cupy.stack(values).get())  # one wait
-        bound = math.inf if not bound or bound[0] >= 1e299 else bound[0]
-        return first, second, total, bound
+        first, second, *rest = (float(v) for v in cupy.stack(values).get())  # one wait
+        if not rest:
+            return first, second, 0.0, math.inf
+        total, bound = rest
+        return first, second, total, math.inf if bound >= 1e299 else bound
 
     def cg_advance(estimate, direction, update, beta, length, normalization, floor, fresh):
         _, _, advance, clip_sums = by_update_type[update.dtype]

@@ -147,10 +147,12 @@ def test_the_step_maximizes_the_likelihood_along_the_direction():
     model = rng.uniform(10, 30, 5000).astype(np.float32)
     step = (data - model) * np.float32(0.3)
     be = get_backend(device="cpu")
+    total = be.poisson_line(data, model, step, np.float32(0), np.float32(1e-6), 1.0, 0.0, True)[2]
+    assert total == pytest.approx(float(step.sum(dtype=np.float64)), rel=1e-6)
     length = 0.0
     for _ in range(6):
-        first, second, total, _ = be.poisson_line(
-            data, model, step, np.float32(0), np.float32(1e-6), 1.0, length, False
+        first, second, _, _ = be.poisson_line(
+            data, model, step, np.float32(0), np.float32(1e-6), 1.0, length, False, None, False
         )
         length += (first - total) / second
     grid = np.linspace(0.1, 4.3, 10000)  # the model turns negative past 4.37

@@ -182,9 +182,9 @@ class ConjugateGradient:
             self.be.combine(self.model_step, remake[0], 1.0, remake[1], self.model)
             parts, remake = holdout.kept, None
         background = solver.background
-        length, top = 0.0, MAX_STEP
+        length, top, total = 0.0, MAX_STEP, 0.0
         for step in range(NEWTON_STEPS):
-            first = second = total = 0.0
+            first = second = 0.0
             bound = math.inf
             for part in parts:
                 offset = background
@@ -200,9 +200,11 @@ class ConjugateGradient:
                     length,
                     step == 0,
                     remake if step == 0 else None,
+                    solver.image_has_negatives,
                 )
-                first, second, total = first + sums[0], second + sums[1], total + sums[2]
-                bound = min(bound, sums[3])
+                first, second, bound = first + sums[0], second + sums[1], min(bound, sums[3])
+                if step == 0:  # sum(H d): the same at every step length
+                    total += sums[2]
             slope = first - total
             if step == 0:
                 top = min(MAX_STEP, DOMAIN_MARGIN * bound)
