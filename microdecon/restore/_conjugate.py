@@ -41,8 +41,10 @@ from .._tile_model import in_force, recorded, shared_step
 
 #: The model ``H x`` is made anew from the estimate every this many iterations (two FFTs), and
 #: the search direction restarts from RL's update; in between both are carried by linearity.
-#: On the benchmark problem plain RL's 50-iteration best came after 8 iterations when every 4th
-#: or 5th (9 when every 3rd; never without refreshes).
+#: Every 4th: plain RL's 50-iteration best after 7 iterations on the benchmark problem and 6-10 on
+#: the 8 phantom cases; every 6th or 8th: 8-9 on the benchmark, and one phantom case never got
+#: there in 30 (though bright ones went further by 30); never refreshed, it slowed to steepest
+#: ascent.
 REFRESH = 4
 
 #: Bounds on the step along the search direction, in units of RL's own step: at least a small
