@@ -72,6 +72,11 @@ def _method_params(args: argparse.Namespace) -> dict:
             flag = "--" + name.replace("_", "-")
             raise ValueError(f"{flag} does not apply to --method {args.method}")
         params[name] = value
+    if params.get("accelerate") == "conjugate-gradient" and (args.method == "rl-tv" or params.get("tv")):
+        raise ValueError(
+            "--accelerate conjugate-gradient does not combine with total variation (rl-tv, --tv): "
+            "use biggs-andrews or none"
+        )
     if args.method == "wiener" or args.method == "tikhonov":
         params.setdefault("balance", "auto")
     if "progress" in accepted:

@@ -190,6 +190,11 @@ def test_every_method_runs_from_the_command_with_its_own_flags(tmp_path, capsys,
     capsys.readouterr()
     assert main(["demo", "-q", "--method", "wiener", "--accelerate", "none", "-o", str(tmp_path)]) == 2
     assert "--accelerate does not apply to --method wiener" in capsys.readouterr().err
+    assert (
+        main(["demo", "-q", "--method", "rl-tv", "--accelerate", "conjugate-gradient", "-o", str(tmp_path)])
+        == 2
+    )
+    assert "does not combine with total variation" in capsys.readouterr().err
     capsys.readouterr()
     assert main(["demo", "-q", "--method", "wiener", "--num-iter", "5", "-o", str(tmp_path)]) == 2
     assert "--num-iter does not apply to --method wiener" in capsys.readouterr().err
