@@ -221,3 +221,33 @@ def test_input_is_untouched_and_integers_work(cell):
         counts.astype(np.float32), psf, 5, accelerate=CG, background=10.0, device="cpu"
     )
     np.testing.assert_allclose(out, reference, rtol=1e-5, atol=1e-4)
+
+
+def test_a_background_that_broadcasts_equals_the_scalar(cell):
+    # a per-column offset has fewer axes than the image: the line search and the carried ratio
+    # must broadcast it (with the hold-out's strided colours too, under num_iter="auto")
+    _, psf, image = cell
+    column = np.full(image.shape[-1], 10.0, np.float32)
+    for num_iter in (6, "auto"):
+        np.testing.assert_allclose(
+            md.richardson_lucy(image, psf, num_iter, accelerate=CG, background=column, device="cpu"),
+            md.richardson_lucy(image, psf, num_iter, accelerate=CG, background=10.0, device="cpu"),
+            rtol=1e-4,
+            atol=1e-3,
+        )
+
+
+def test_auto_tiles_follow_their_pilot(cell):
+    # the pilot tile counts by hold-out and records its weights, steps and refreshes; every tile
+    # then runs that count with them, and equals the whole run under the same record
+    _, psf, image = cell
+    tile_shape = (None, 32, 32)
+    params = {"accelerate": CG, "background": 10.0}
+    tile_plan = tiling.plan(image.shape, psf, "rl", tile_shape=tile_shape)
+    model = tiling._measure_model(image, psf, md.richardson_lucy, tile_plan, params, "cpu")
+    count = model.values["rl.iterations"]
+    assert 3 <= count < 100 and len(model.values["rl.cg.refresh"]) >= count
+    with applying(model):
+        whole = md.richardson_lucy(image, psf, device="cpu", **params)
+    tiled = md.deconvolve(image, psf, "rl", tile_shape=tile_shape, device="cpu", **params)
+    assert float(np.abs(tiled - whole).max() / whole.max()) < 1e-3
