@@ -183,20 +183,16 @@ class ConjugateGradient:
         if holdout is not None:  # H d is needed everywhere, the sums only on the kept voxels
             self.be.combine(self.model_step, remake[0], 1.0, remake[1], self.model)
             parts, remake = holdout.kept, None
-        background = solver.background
         length, top, total = 0.0, MAX_STEP, 0.0
         for step in range(NEWTON_STEPS):
             first = second = 0.0
             bound = math.inf
             for part in parts:
-                offset = background
-                if np.ndim(background):
-                    offset = solver.xp.broadcast_to(background, self.model.shape)[part]
                 sums = self.be.poisson_line(
                     solver.image[part],
                     self.model[part],
                     self.model_step[part],
-                    offset,
+                    solver.background_at(part),
                     solver.floor,
                     solver.image_scale,
                     length,

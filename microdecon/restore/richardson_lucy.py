@@ -468,10 +468,15 @@ class _RichardsonLucy:
     def divergence_on(self, blurred, part) -> float:
         """The I-divergence of the data at ``part`` (an index) from ``blurred + background``, at
         unit scale; non-finite where the data pass float32's range (which stops nothing)."""
-        background = self.background
-        if np.ndim(background):  # it may have fewer axes than the image (it broadcasts)
-            background = self.xp.broadcast_to(background, blurred.shape)[part]
+        background = self.background_at(part)
         return self.be.i_divergence(self.image[part], blurred[part], background, self.floor, self.image_scale)
+
+    def background_at(self, part):
+        """The background (unit scale) at ``part`` of the image: a scalar stays one; an array,
+        which may have fewer axes than the image, is broadcast to it first."""
+        if not np.ndim(self.background):
+            return self.background
+        return self.xp.broadcast_to(self.background, self.op.image_shape)[part]
 
     def tv_factor(self, estimate, out=None):
         """``1 / (1 - tv * div(grad x / |grad x|))``: RL-TV's one-step-late factor.
