@@ -359,7 +359,9 @@ KERNEL_NAMES = (
     "multiply_spectrum",
     "copy",
     "i_divergence",
+    "compact_normalization",
     "cg_gradient",
+    "cg_direction",
     "poisson_line",
     "cg_advance",
     "cg_model_ratio",
@@ -430,6 +432,10 @@ def from_bfloat16(bits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray
     return out
 
 
+#: A compact normalization (the kernel ``compact_normalization``) holds ``H^T 1`` in these units.
+VISIBLE_UNITS = 65535
+
+
 def _load_step(bits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """A step buffer's values as float32 (a new array, or ``out``): bfloat16 bits or float32."""
     if bits.dtype == np.uint16:
@@ -448,29 +454,52 @@ def _store_step(values: np.ndarray, out: np.ndarray) -> None:
 
 
 _CONSTANTS: dict[float, np.ndarray] = {}  # value -> read-only float32 array of it, one slab long
+_MAX_CONSTANTS = 16  # conjugate-gradient RL's floor depends on the data: the oldest make room
 
 
-def _at_least(values: np.ndarray, floor: float, out: np.ndarray) -> np.ndarray:
-    """``out <- max(values, floor)``, against an array of ``floor`` a slab long.
+def _constant(value: float) -> np.ndarray:
+    """A read-only float32 array of ``value``, one slab long (made once per value)."""
+    constant = _CONSTANTS.get(float(value))
+    if constant is None:
+        constant = np.full(_SLAB_ELEMENTS, value, np.float32)
+        constant.flags.writeable = False
+        while len(_CONSTANTS) >= _MAX_CONSTANTS:
+            _CONSTANTS.pop(next(iter(_CONSTANTS), None), None)
+        _CONSTANTS[float(value)] = constant  # a race only makes one twice: both are right
+    return constant
+
+
+def _total(values: np.ndarray) -> float:
+    """``values.sum()`` of a float32 slab, as a dot product with ones where it is contiguous:
+    BLAS sums three times faster than NumPy's pairwise sum, to float32's precision, which the
+    step sizes and clips it adds up need."""
+    ones = _constant(1.0)
+    if values.flags.c_contiguous and values.size <= ones.size:
+        return float(np.dot(values.reshape(-1), ones[: values.size]))
+    return float(values.sum(dtype=np.float64))
+
+
+def _at_least(values: np.ndarray, floor: float, out: np.ndarray, where: Any = True) -> np.ndarray:
+    """``out <- max(values, floor)`` (only ``where`` it is True; elsewhere ``out`` is left as
+    it is), against an array of ``floor`` a slab long.
 
     NumPy (2.4, x86) has no vector loop for maximum against a broadcast scalar: it runs four
     times slower than against an array, and the RL iteration clips several times per pass.
     Larger contiguous inputs go a slab at a time; large strided ones take the scalar loop.
     """
-    constant = _CONSTANTS.get(float(floor))
-    if constant is None:
-        constant = np.full(_SLAB_ELEMENTS, floor, np.float32)
-        constant.flags.writeable = False
-        _CONSTANTS[float(floor)] = constant  # a race only makes one twice: both are right
+    constant = _constant(floor)
     if values.size <= constant.size:
-        return np.maximum(values, constant[: values.size].reshape(values.shape), out=out)
-    if values.flags.c_contiguous and out.flags.c_contiguous:  # flat views of both
+        return np.maximum(values, constant[: values.size].reshape(values.shape), out=out, where=where)
+    masked = where is not True
+    if values.flags.c_contiguous and out.flags.c_contiguous and (not masked or where.flags.c_contiguous):
         flat_values, flat_out = values.reshape(-1), out.reshape(-1)
+        flat_where = where.reshape(-1) if masked else True
         for start in range(0, values.size, constant.size):
             part = slice(start, min(start + constant.size, values.size))
-            np.maximum(flat_values[part], constant[: part.stop - start], out=flat_out[part])
+            mask = flat_where[part] if masked else True
+            np.maximum(flat_values[part], constant[: part.stop - start], out=flat_out[part], where=mask)
         return out
-    return np.maximum(values, np.float32(floor), out=out)
+    return np.maximum(values, np.float32(floor), out=out, where=where)
 
 
 def _divide_data(
@@ -591,32 +620,60 @@ def _numpy_kernels(slabs: _Slabs):
         parts = slabs.map(slab, current)
         return sum(p[0] for p in parts), sum(p[1] for p in parts)
 
-    def _relative_update(correction, normalization, s):
-        """w = c / H^T 1 - 1 on one slab (a new array). Where the normalization is 0 it is -1,
-        unmasked: the estimate is 0 there, so RL's update ``x w`` and every product with it are
-        too (the GPU's kernels mask it, for free)."""
-        if normalization is None:
-            return np.subtract(correction[s], np.float32(1))
-        w = np.multiply(correction[s], normalization[s])
-        w -= np.float32(1)
-        return w
+    def compact_normalization(normalization):
+        """RL's normalization ``1 / H^T 1`` (float32; 0 where the data see too little of a
+        voxel) as uint16: ``H^T 1`` in units of ``1 / VISIBLE_UNITS``, 0 where it is 0 (a new
+        array).
 
-    def cg_gradient(correction, estimate, normalization, update, point, has_prev):
-        """RL's update and the inner products conjugate-gradient RL needs, in one pass.
-
-        With ``w = c / H^T 1 - 1`` (:func:`_relative_update`), RL's update is ``u = x w`` and
-        the log-likelihood's gradient ``grad = H^T 1 w``. Returns ``<grad, u>`` and
-        ``<grad, update>`` (the last update, read before ``u`` replaces it: bfloat16 bits or
-        float32; 0 unless ``has_prev``); RL's point ``x + u`` goes into ``point``, which may be
-        the correction's own memory (each slab is read before it is written).
+        Half the memory of float32, for a relative error in ``H^T 1`` of at most 4e-4 (at the
+        support's edge, ``H^T 1 = 0.02``) and none where ``H^T 1`` is 1 (inside the image, away
+        from its edges); bfloat16 would be off by up to 0.4%. The conjugate-gradient kernels
+        take either form.
         """
+        out = np.empty(normalization.shape, np.uint16)
 
         def slab(s):
-            w = _relative_update(correction, normalization, s)
+            part = normalization[s]
+            with np.errstate(divide="ignore"):
+                visible = np.divide(np.float32(VISIBLE_UNITS), part)  # inf where unseen
+            np.rint(visible, out=visible)
+            np.minimum(visible, np.float32(VISIBLE_UNITS), out=visible)
+            out[s] = visible  # VISIBLE_UNITS where unseen, until the next line
+            out[s] *= part > 0
+
+        slabs.map(slab, normalization)
+        return out
+
+    def cg_gradient(correction, estimate, normalization, update, has_prev):
+        """RL's update and the inner products conjugate-gradient RL weighs its next direction
+        by, in one pass.
+
+        With ``w = c / H^T 1 - 1`` (``normalization``: ``1 / H^T 1`` in float32, or
+        ``compact_normalization``'s uint16, or None for ``H^T 1 = 1``), RL's update is
+        ``u = x w`` and the log-likelihood's gradient ``grad = H^T 1 w = c - H^T 1``. Returns
+        ``<grad, u>`` and ``<grad, update>`` (the last update, read before ``u`` replaces it:
+        bfloat16 bits or float32; 0 unless ``has_prev``). Where the normalization is 0 the
+        estimate is too, and so is every term.
+        """
+        compact = normalization is not None and normalization.dtype == np.uint16
+
+        def slab(s):
+            c = correction[s]
             if normalization is None:
+                w = np.subtract(c, np.float32(1))
                 gradient = w.copy()
-            else:  # w / (1 / H^T 1); where the normalization is 0 the huge quotient meets x = 0
-                gradient = _at_least(normalization[s], _TINY_RATIO, out=np.empty_like(w))
+            elif compact:  # see compact_normalization
+                gradient = normalization[s].astype(np.float32)  # H^T 1, for now
+                _at_least(gradient, 1, out=gradient)  # unseen voxels (0): x = 0 there
+                gradient *= np.float32(1 / VISIBLE_UNITS)
+                w = np.divide(c, gradient)
+                w -= np.float32(1)
+                np.subtract(c, gradient, out=gradient)
+            else:
+                gradient = np.multiply(c, normalization[s])
+                w = np.subtract(gradient, np.float32(1))
+                # w / (1 / H^T 1); where the normalization is 0 the huge quotient meets x = 0
+                _at_least(normalization[s], _TINY_RATIO, out=gradient)
                 np.divide(w, gradient, out=gradient)
             own_update = np.multiply(w, estimate[s], out=w)
             own = float(np.dot(gradient.ravel(), own_update.ravel()))
@@ -624,21 +681,32 @@ def _numpy_kernels(slabs: _Slabs):
             if has_prev:
                 cross = float(np.dot(gradient.ravel(), _load_step(update[s]).ravel()))
             _store_step(own_update, update[s])
-            if update.dtype == np.uint16:  # the point as the direction will see the update: rounded
-                from_bfloat16(update[s], out=own_update)
-            np.add(estimate[s], own_update, out=point[s])
             return own, cross
 
         parts = slabs.map(slab, estimate)
         return math.fsum(p[0] for p in parts), math.fsum(p[1] for p in parts)
 
-    def poisson_line(
-        image, model, step, background, floor, image_scale, length, with_bound, remake=None, clip_image=True
-    ):
-        """Sums for a Newton step on the Poisson log-likelihood along ``model + t step``.
+    def cg_direction(update, direction, beta, fresh, stage):
+        """The search direction ``d <- u + beta d`` (``fresh``: ``d <- u``; ``u`` is RL's update
+        as :func:`cg_gradient` stored it), stored as ``direction`` is (bfloat16 bits or
+        float32), and its stored values as float32 into ``stage`` (the next transform's input;
+        any strides): the transform then blurs exactly the direction the step will follow."""
+        beta = np.float32(beta)
 
-        ``remake`` = ``(keep, plus)``: first ``step <- keep * step + plus - model`` in the same
-        pass (conjugate-gradient RL's ``H d``, made from ``H`` of RL's point).
+        def slab(s):
+            value = _load_step(update[s])
+            if not fresh:
+                previous = _load_step(direction[s])
+                previous *= beta
+                value += previous
+            _store_step(value, direction[s])
+            _load_step(direction[s], out=stage[s])
+
+        slabs.map(slab, update)
+        return stage
+
+    def poisson_line(image, model, step, background, floor, image_scale, length, with_bound, clip_image=True):
+        """Sums for a Newton step on the Poisson log-likelihood along ``model + t step``.
 
         With ``y = max(image * image_scale, 0)``, ``m = max(model + background, floor)`` and
         ``q = max(m + length * step, floor)``: ``sum(y step / q)``, ``sum(y (step / q)^2)``, and,
@@ -660,14 +728,6 @@ def _numpy_kernels(slabs: _Slabs):
                 m = np.add(model[s], background[s] if per_voxel else background, dtype=np.float32)
                 _at_least(m, floor, out=m)
                 h = step[s]
-                if remake is not None:
-                    keep, plus = remake
-                    if keep:
-                        h *= np.float32(keep)
-                        h += plus[s]
-                    else:
-                        np.copyto(h, plus[s])
-                    h -= model[s]
                 if length:
                     m += length * h
                     _at_least(m, floor, out=m)
@@ -676,7 +736,7 @@ def _numpy_kernels(slabs: _Slabs):
                 if with_bound:  # (m + t h) / m = 1 + t h / m: positive for t < -1 / min(h / m)
                     steepest = float(m.min()) if m.size else 0.0
                     bound = -1.0 / steepest if steepest < 0 else math.inf
-                    total = float(h.sum(dtype=np.float64))
+                    total = _total(h)
                 first = float(np.dot(y.ravel(), m.ravel()))
                 m *= m
                 second = float(np.dot(y.ravel(), m.ravel()))
@@ -690,54 +750,52 @@ def _numpy_kernels(slabs: _Slabs):
             min(p[3] for p in parts),
         )
 
-    def cg_advance(estimate, direction, update, beta, length, normalization, floor, fresh):
-        """The search direction ``d <- u + beta d`` (``fresh``: ``d <- u``; ``u`` is RL's update,
-        as :func:`cg_gradient` stored it), then ``x <- max(x + length d, floor)``, and 0 where
-        the normalization is 0 (the gradient's terms there are 0 only because ``x`` is).
+    def cg_advance(estimate, direction, length, normalization, floor):
+        """``x <- max(x + length d, floor)`` (``d`` as :func:`cg_direction` stored it), and 0
+        where the normalization is 0 (the gradient's terms there are 0 only because ``x`` is).
         Returns how much the clip at the floor added, ``sum(max(floor - x - length d, 0))``,
         and the step's size, ``sum(|length d|)`` (where the normalization is not 0)."""
-        beta, length = np.float32(beta), np.float32(length)
+        length = np.float32(length)
 
         def slab(s):
-            d = direction[s]
-            if fresh:
-                _load_step(update[s], out=d)
-            else:
-                d *= beta
-                d += _load_step(update[s])
-            value = np.multiply(d, length)
-            stepped = float(np.abs(value).sum())  # d is 0 where the data see nothing
+            value = _load_step(direction[s])
+            value *= length
+            magnitude = np.abs(value)
+            stepped = _total(magnitude)  # d is 0 where the data see nothing
             value += estimate[s]
-            short = np.subtract(floor, value)
-            clipped = float(np.maximum(short, 0, out=short).sum())
-            _at_least(value, floor, out=estimate[s])
-            if normalization is not None:
+            short = np.subtract(floor, value, out=magnitude)
+            clipped = _total(_at_least(short, 0, out=short))
+            if normalization is None:
+                _at_least(value, floor, out=estimate[s])
+            else:  # unseen voxels were 0 and stay 0 (a masked maximum: a product would cost more)
                 seen = normalization[s] > 0
-                estimate[s] *= seen
-                # unseen voxels were 0 and stay 0: what the sum gave them at the floor is not clipping
+                _at_least(value, floor, out=estimate[s], where=seen)
+                # what the sum gave them at the floor is not clipping
                 clipped -= float(floor) * (seen.size - np.count_nonzero(seen))
             return max(clipped, 0.0), stepped
 
         parts = slabs.map(slab, estimate)
         return math.fsum(p[0] for p in parts), math.fsum(p[1] for p in parts)
 
-    def cg_model_ratio(image, model, step, length, out, background, floor, image_scale=1.0, clip_image=True):
-        """``model <- model + length step``, then RL's ratio of the data to it into ``out``
-        (as :func:`rl_ratio`), in one pass: conjugate-gradient RL carries its model so."""
+    def cg_model_ratio(image, model, step, length, background, floor, image_scale=1.0, clip_image=True):
+        """``model <- model + length step``, then RL's ratio of the data to it in place of
+        ``step`` (as :func:`rl_ratio`), in one pass: conjugate-gradient RL carries its model so,
+        and the blurred direction's memory is the next adjoint's input."""
         per_voxel = isinstance(background, np.ndarray) and background.ndim
         if per_voxel:
             background = np.broadcast_to(background, image.shape)
         image_scale, length = np.float32(image_scale), np.float32(length)
 
         def slab(s):
-            denominator = np.multiply(step[s], length, out=out[s])
+            denominator = step[s]
+            denominator *= length
             denominator += model[s]
             model[s] = denominator
             offset = background[s] if per_voxel else background
             _divide_data(image[s], denominator, offset, floor, image_scale, clip_image)
 
         slabs.map(slab, image)
-        return out
+        return step
 
     def combine(out, keep, add, plus, minus=None):
         """out <- keep * out + add * plus - minus (``keep`` 0 ignores what ``out`` held)."""
@@ -863,6 +921,14 @@ def _sum_by_rows(
     return complex(result) if to_host else result
 
 
+def _bfloat16_code(type_name: str) -> tuple[str, str]:
+    """CUDA expressions (format strings) that load a buffer of ``type_name`` as float32 and keep
+    a float32 in it: "uint16" holds bfloat16 bits (see :func:`to_bfloat16`), "float32" values."""
+    if type_name == "uint16":
+        return "__uint_as_float(((unsigned int)({})) << 16)", "(unsigned short)(__float_as_uint({}) >> 16)"
+    return "({})", "({})"
+
+
 def _cupy_kernels(cupy: Any):
     ratio = cupy.ElementwiseKernel(
         "I image, T background, T floor_value, T image_scale",
@@ -887,11 +953,7 @@ def _cupy_kernels(cupy: Any):
     def step_kernels(step_type: str):
         """The accelerated-RL kernels for step buffers of ``step_type``: "uint16" holds
         bfloat16 bits (the upper half of a float32's), "float32" the values themselves."""
-        if step_type == "uint16":
-            load = "__uint_as_float(((unsigned int)({})) << 16)"
-            keep = "(unsigned short)(__float_as_uint({}) >> 16)"
-        else:
-            load = keep = "({})"
+        load, keep = _bfloat16_code(step_type)
         name = f"microdecon_{step_type}"
         predicted_point = (
             "T y = has_step ? current + alpha * "
@@ -944,18 +1006,35 @@ def _cupy_kernels(cupy: Any):
         np.dtype(np.float32): step_kernels("float32"),
     }
 
-    relative_update = "T w = inv > (T)0 ? c * inv - (T)1 : (T)0;"
+    compact = cupy.ElementwiseKernel(
+        "float32 inv",
+        "uint16 visible",
+        f"visible = inv > 0.f ? (unsigned short)fminf(rintf({VISIBLE_UNITS}.f / inv), {VISIBLE_UNITS}.f) : 0",
+        "microdecon_compact_normalization",
+    )
 
-    def cg_kernels(step_type: str):
-        """Conjugate-gradient RL's kernels for RL-update buffers of ``step_type`` (as above)."""
-        if step_type == "uint16":
-            load = "__uint_as_float(((unsigned int)({})) << 16)"
-            keep = "(unsigned short)(__float_as_uint({}) >> 16)"
+    def cg_kernels(step_type: str, inverse_type: str):
+        """Conjugate-gradient RL's kernels for step buffers (RL's update, the direction) of
+        ``step_type`` ("uint16": bfloat16 bits, as above; or "float32") and a normalization of
+        ``inverse_type`` ("float32": ``1 / H^T 1``; "uint16": ``compact_normalization``'s)."""
+        load, keep = _bfloat16_code(step_type)
+        name = f"microdecon_cg_{step_type}_{inverse_type}"
+        c_inverse = "unsigned short" if inverse_type == "uint16" else "float"
+        # RL's relative update w and the gradient g from the correction c and the normalization:
+        # 1 / H^T 1 in float32, or H^T 1 in units of 1 / VISIBLE_UNITS (compact_normalization)
+        if inverse_type == "uint16":
+            terms = (
+                f"float v = (float)inv * {1 / VISIBLE_UNITS:.10e}f; bool seen = inv > 0;"
+                " float w = seen ? c / v - 1.f : 0.f; double g = seen ? (double)c - (double)v : 0.0;"
+            )
         else:
-            load = keep = "({})"
-        name = f"microdecon_cg_{step_type}"
+            terms = (
+                "bool seen = inv > 0.f; float w = seen ? c * inv - 1.f : 0.f;"
+                " double g = seen ? (double)w / (double)inv : 0.0;"
+            )
+        # <grad, u> and <grad, u_prev> in one pass, as one complex sum (see dot_and_square)
         gradient = cupy.ReductionKernel(
-            f"T c, T x, T inv, {step_type} prev, bool has_prev",
+            f"float32 c, float32 x, {inverse_type} inv, {step_type} prev, bool has_prev",
             "complex128 y",
             f"{name}_terms(c, x, inv, {load.format('prev')}, has_prev)",
             "a + b",
@@ -963,51 +1042,59 @@ def _cupy_kernels(cupy: Any):
             "complex<double>(0, 0)",
             f"{name}_gradient",
             preamble=f"""
-            __device__ complex<double> {name}_terms(float c, float x, float inv, float prev, bool has_prev) {{
-                float w = inv > 0.f ? c * inv - 1.f : 0.f;
-                double g = inv > 0.f ? (double)w / (double)inv : 0.0;
+            __device__ complex<double> {name}_terms(float c, float x, {c_inverse} inv, float prev,
+                                                    bool has_prev) {{
+                {terms}
                 return complex<double>(g * (double)(w * x), has_prev ? g * (double)prev : 0.0);
             }}
             """,
         )
         store = cupy.ElementwiseKernel(
-            "T c, T x, T inv",
-            f"{step_type} update, T point",
-            relative_update
-            + f" T u = w * x; update = {keep.format('u')}; point = x + {load.format('update')};",
+            f"float32 c, float32 x, {inverse_type} inv",
+            f"{step_type} update",
+            f"{terms} update = {keep.format('w * x')};",
             f"{name}_store",
         )
+        # d <- u + beta d (fresh: u), stored; the transform's input gets the stored values
+        direction = cupy.ElementwiseKernel(
+            f"{step_type} update, float32 beta, bool fresh",
+            f"{step_type} d, float32 stage",
+            f"float v = {load.format('update')}; if (!fresh) v += beta * {load.format('d')};"
+            f" d = {keep.format('v')}; stage = {load.format('d')};",
+            f"{name}_direction",
+        )
         advance = cupy.ElementwiseKernel(
-            f"{step_type} update, T beta, T length, T inv, T floor_value, bool fresh",
-            "T d, T x",
-            f"T u = {load.format('update')}; d = fresh ? u : d * beta + u;"
-            " T v = x + length * d; v = v > floor_value ? v : floor_value; x = inv > (T)0 ? v : (T)0",
+            f"{step_type} d, float32 length, {inverse_type} inv, float32 floor_value",
+            "float32 x",
+            f"float v = x + length * {load.format('d')}; v = v > floor_value ? v : floor_value;"
+            " x = inv > 0 ? v : 0.f",
             f"{name}_advance",
         )
         # what the advance's clip at the floor will add, and the step's size (before it runs)
         clip_sums = cupy.ReductionKernel(
-            f"T x, T d, {step_type} update, T beta, T length, T inv, T floor_value, bool fresh",
+            f"float32 x, {step_type} d, float32 length, {inverse_type} inv, float32 floor_value",
             "complex128 y",
-            f"{name}_clip(x, d, {load.format('update')}, beta, length, inv, floor_value, fresh)",
+            f"{name}_clip(x, {load.format('d')}, length, inv > 0, floor_value)",
             "a + b",
             "y = a",
             "complex<double>(0, 0)",
             f"{name}_clip_sums",
             preamble=f"""
-            __device__ complex<double> {name}_clip(float x, float d, float u, float beta, float length,
-                                                   float inv, float floor_value, bool fresh) {{
-                if (!(inv > 0.f)) return complex<double>(0, 0);
-                float step = length * (fresh ? u : d * beta + u);
+            __device__ complex<double> {name}_clip(float x, float d, float length, bool seen,
+                                                   float floor_value) {{
+                if (!seen) return complex<double>(0, 0);
+                float step = length * d;
                 float v = x + step;
                 return complex<double>(v < floor_value ? (double)(floor_value - v) : 0.0, fabs((double)step));
             }}
             """,
         )
-        return gradient, store, advance, clip_sums
+        return gradient, store, direction, advance, clip_sums
 
-    by_update_type = {
-        np.dtype(np.uint16): cg_kernels("uint16"),
-        np.dtype(np.float32): cg_kernels("float32"),
+    cg_by_types = {
+        (np.dtype(step), np.dtype(inverse)): cg_kernels(np.dtype(step).name, np.dtype(inverse).name)
+        for step in (np.uint16, np.float32)
+        for inverse in (np.uint16, np.float32)
     }
     line_terms = cupy.ReductionKernel(
         "I image, T model, T step, T background, T floor_value, T image_scale, T length",
@@ -1049,10 +1136,10 @@ def _cupy_kernels(cupy: Any):
         """,
     )
     model_ratio = cupy.ElementwiseKernel(
-        "I image, T step, T length, T background, T floor_value, T image_scale",
-        "T model, T ratio",
+        "I image, T length, T background, T floor_value, T image_scale",
+        "T model, T step",
         "model = model + length * step; T y = (T)image * image_scale; y = y > (T)0 ? y : (T)0;"
-        " T d = model + background; ratio = y / (d > floor_value ? d : floor_value)",
+        " T d = model + background; step = y / (d > floor_value ? d : floor_value)",
         "microdecon_cg_model_ratio",
     )
     linear = cupy.ElementwiseKernel(
@@ -1116,18 +1203,22 @@ def _cupy_kernels(cupy: Any):
     def _inverse(normalization):
         return normalization if normalization is not None else cupy.float32(1)
 
-    def cg_gradient(correction, estimate, normalization, update, point, has_prev):
-        gradient, store, _, _ = by_update_type[update.dtype]
+    def compact_normalization(normalization):
+        return compact(normalization)
+
+    def cg_gradient(correction, estimate, normalization, update, has_prev):
         inverse = _inverse(normalization)
+        gradient, store, *_ = cg_by_types[update.dtype, inverse.dtype]
         both = _sum_by_rows(gradient, correction, estimate, inverse, update, bool(has_prev))
-        store(correction, estimate, inverse, update, point)  # after the sums: they read the last
+        store(correction, estimate, inverse, update)  # after the sums: they read the last
         return both.real, both.imag
 
-    def poisson_line(
-        image, model, step, background, floor, image_scale, length, with_bound, remake=None, clip_image=True
-    ):
-        if remake is not None:
-            combine(step, remake[0], 1.0, remake[1], model)
+    def cg_direction(update, direction, beta, fresh, stage):
+        make = cg_by_types[update.dtype, np.dtype(np.float32)][2]
+        make(update, cupy.float32(beta), bool(fresh), direction, stage)
+        return stage
+
+    def poisson_line(image, model, step, background, floor, image_scale, length, with_bound, clip_image=True):
         floor, scale = cupy.float32(floor), cupy.float32(image_scale)
         args = (image, model, step, background, floor, scale, cupy.float32(length))
         terms = _sum_by_rows(line_terms, *args, to_host=False)
@@ -1143,17 +1234,18 @@ def _cupy_kernels(cupy: Any):
         total, bound = rest
         return first, second, total, math.inf if bound >= 1e299 else bound
 
-    def cg_advance(estimate, direction, update, beta, length, normalization, floor, fresh):
-        _, _, advance, clip_sums = by_update_type[update.dtype]
-        scalars = (cupy.float32(beta), cupy.float32(length), _inverse(normalization), cupy.float32(floor))
-        sums = _sum_by_rows(clip_sums, estimate, direction, update, *scalars, bool(fresh))
-        advance(update, *scalars, bool(fresh), direction, estimate)
+    def cg_advance(estimate, direction, length, normalization, floor):
+        inverse = _inverse(normalization)
+        *_, advance, clip_sums = cg_by_types[direction.dtype, inverse.dtype]
+        scalars = (cupy.float32(length), inverse, cupy.float32(floor))
+        sums = _sum_by_rows(clip_sums, estimate, direction, *scalars)
+        advance(direction, *scalars, estimate)
         return sums.real, sums.imag
 
-    def cg_model_ratio(image, model, step, length, out, background, floor, image_scale=1.0, clip_image=True):
+    def cg_model_ratio(image, model, step, length, background, floor, image_scale=1.0, clip_image=True):
         scalars = (cupy.float32(length), background, cupy.float32(floor), cupy.float32(image_scale))
-        model_ratio(image, step, *scalars, model, out)
-        return out
+        model_ratio(image, *scalars, model, step)
+        return step
 
     def combine(out, keep, add, plus, minus=None):
         subtracted = minus if minus is not None else cupy.float32(0)

@@ -100,61 +100,89 @@ def _conjugate_reference(correction, estimate, inverse, previous):
     w = np.where(inv > 0, c * inv - 1, 0)
     gradient = np.where(inv > 0, w / np.where(inv > 0, inv, 1), 0)
     update = x * w
-    return update, float(np.sum(gradient * update)), float(np.sum(gradient * previous)), x + update
+    return update, float(np.sum(gradient * update)), float(np.sum(gradient * previous))
 
 
-@pytest.mark.parametrize("shape", [(50,), (7, 300, 301)])
-@pytest.mark.parametrize("update_type", [np.uint16, np.float32])
-@pytest.mark.parametrize("normalized", [True, False])
-def test_conjugate_gradient_kernels_match_their_formulas(shape, update_type, normalized):
+def _stored(values, step_type):
+    """``values`` as a step buffer of ``step_type`` keeps them, and those values back in float32."""
+    bits = values.astype(np.float32) if step_type == np.float32 else _backend.to_bfloat16(values)
+    return bits, (_backend.from_bfloat16(bits) if step_type == np.uint16 else bits.copy())
+
+
+@pytest.mark.parametrize("shape", [(50,), (7, 300, 301), (2, 600, 500)])  # planes past a slab
+@pytest.mark.parametrize("step_type", [np.uint16, np.float32])
+@pytest.mark.parametrize("normalization", ["float32", "compact", None])
+def test_conjugate_gradient_kernels_match_their_formulas(shape, step_type, normalization):
     be = get_backend(device="cpu")
     rng, f32 = kernel_inputs(shape, seed=5)
     correction, estimate = f32() + 0.5, f32()
-    inverse = None
-    if normalized:
-        inverse = f32() + 0.8
-        inverse.reshape(-1)[::7] = 0  # voxels the data do not see: the estimate is 0 there
+    inverse = inverse_values = None
+    if normalization is not None:
+        inverse_values = f32() + 0.8
+        inverse_values.reshape(-1)[::7] = 0  # voxels the data do not see: the estimate is 0 there
         estimate.reshape(-1)[::7] = 0
-    previous_values = f32(0.5) * 0.1
-    if normalized:  # RL's last update x w is 0 where the estimate is
-        previous_values.reshape(-1)[::7] = 0
-    update = previous_values.copy() if update_type == np.float32 else _backend.to_bfloat16(previous_values)
-    previous_values = _backend.from_bfloat16(update) if update_type == np.uint16 else previous_values
-    point = np.empty_like(estimate)
-    own, cross = be.cg_gradient(correction, estimate, inverse, update, point, True)
-    expected_update, expected_own, expected_cross, expected_point = _conjugate_reference(
-        correction, estimate, inverse, previous_values
+        inverse = inverse_values
+        if normalization == "compact":  # H^T 1 in uint16 units
+            inverse = be.compact_normalization(inverse_values)
+            inverse_values = np.where(inverse > 0, _backend.VISIBLE_UNITS / np.maximum(inverse, 1.0), 0)
+    previous = f32(0.5) * 0.1
+    if normalization is not None:  # RL's last update x w is 0 where the estimate is
+        previous.reshape(-1)[::7] = 0
+    update, previous_values = _stored(previous, step_type)
+    own, cross = be.cg_gradient(correction, estimate, inverse, update, True)
+    expected_update, expected_own, expected_cross = _conjugate_reference(
+        correction, estimate, inverse_values, previous_values
     )
     assert own == pytest.approx(expected_own, rel=1e-4) and cross == pytest.approx(expected_cross, rel=1e-3)
-    stored = _backend.from_bfloat16(update) if update_type == np.uint16 else update
-    digits = 2**-7 if update_type == np.uint16 else 1e-6
+    stored = _backend.from_bfloat16(update) if step_type == np.uint16 else update
+    digits = 2**-7 if step_type == np.uint16 else 1e-6
     np.testing.assert_allclose(stored, expected_update, rtol=digits, atol=1e-7)
-    # RL's point is made from the update as stored, so that it and the direction agree
-    np.testing.assert_allclose(point, estimate + stored, rtol=1e-6, atol=1e-7)
-    assert np.all(np.abs(point - expected_point) <= digits * np.abs(expected_update) + 1e-6)
-    # the direction u + beta d, and the step along it, clipped at the floor (0 where unseen)
-    direction = f32(0.5)
-    expected_direction = stored + 0.7 * direction
+    # the direction u + beta d, stored as the update is; the transform's input gets exactly what
+    # is stored, here in a strided view (as an in-place FFT's real grid is)
+    last_direction = f32(0.5)
+    if normalization is not None:  # a sum of updates: 0 where the estimate is
+        last_direction.reshape(-1)[::7] = 0
+    direction, direction_values = _stored(last_direction, step_type)
+    stage = np.full(shape[:-1] + (shape[-1] + 2,), np.nan, np.float32)[..., : shape[-1]]
+    be.cg_direction(update, direction, 0.7, False, stage)
+    followed = _backend.from_bfloat16(direction) if step_type == np.uint16 else direction
+    np.testing.assert_array_equal(stage, followed)
+    np.testing.assert_allclose(followed, stored + np.float32(0.7) * direction_values, rtol=digits, atol=1e-7)
+    # the step along it, clipped at the floor (0 where unseen), and what the clip added
     advanced = estimate.copy()
-    be.cg_advance(advanced, direction, update, 0.7, 2.5, inverse, np.float32(1e-3), False)
-    np.testing.assert_allclose(direction, expected_direction, rtol=1e-6, atol=1e-7)
-    expected = np.maximum(estimate + 2.5 * expected_direction, 1e-3)
-    if inverse is not None:
-        expected[inverse == 0] = 0
+    clipped, stepped = be.cg_advance(advanced, direction, 2.5, inverse, np.float32(1e-3))
+    moved = estimate + np.float32(2.5) * followed
+    expected = np.maximum(moved, 1e-3)
+    seen = np.ones(shape, bool) if inverse is None else inverse_values > 0
+    expected[~seen] = 0
     np.testing.assert_allclose(advanced, expected, rtol=1e-5, atol=1e-6)
-    be.cg_advance(advanced, direction, update, 0.7, 1.0, inverse, np.float32(1e-3), True)
-    np.testing.assert_allclose(direction, stored, rtol=1e-6)
+    assert clipped == pytest.approx(float(np.maximum(1e-3 - moved, 0)[seen].sum()), rel=1e-4, abs=1e-6)
+    assert stepped == pytest.approx(float(np.abs(2.5 * followed)[seen].sum()), rel=1e-5)
+    be.cg_direction(update, direction, 0.7, True, stage)  # a fresh start: RL's update
+    np.testing.assert_array_equal(stage, stored)
+
+
+def test_compact_normalization_keeps_four_digits():
+    rng = np.random.default_rng(0)
+    normalization = (1 / rng.uniform(0.0201, 1, 3_000_000)).astype(np.float32)  # chunks
+    normalization[::5] = 0  # unseen
+    normalization[1::5] = 1  # inside the image: kept exactly
+    compact = get_backend(device="cpu").compact_normalization(normalization.reshape(3, -1)).ravel()
+    assert compact.dtype == np.uint16 and compact.shape == normalization.shape
+    assert np.all((compact == 0) == (normalization == 0)) and np.all(compact[1::5] == _backend.VISIBLE_UNITS)
+    seen = normalization > 0
+    visible = compact[seen] / _backend.VISIBLE_UNITS
+    assert np.abs(visible * normalization[seen] - 1).max() < 4e-4
 
 
 def test_model_ratio_and_combination_kernels():
     be = get_backend(device="cpu")
     rng, f32 = kernel_inputs((6, 300, 301), seed=6)
     image, model, step, other = (f32() * 100).astype(np.uint16), f32() + 0.2, f32(0.5), f32()
-    out = np.empty_like(model)
-    carried = model.copy()
-    be.cg_model_ratio(image, carried, step, 0.3, out, np.float32(0.1), np.float32(1e-6), 0.01, False)
+    carried, ratio = model.copy(), step.copy()
+    be.cg_model_ratio(image, carried, ratio, 0.3, np.float32(0.1), np.float32(1e-6), 0.01, False)
     np.testing.assert_allclose(carried, model + 0.3 * step, rtol=1e-6)
-    np.testing.assert_allclose(out, image * 0.01 / np.maximum(model + 0.3 * step + 0.1, 1e-6), rtol=1e-5)
+    np.testing.assert_allclose(ratio, image * 0.01 / np.maximum(model + 0.3 * step + 0.1, 1e-6), rtol=1e-5)
     combined = step.copy()
     be.combine(combined, 0.4, 1.0, model, other)
     np.testing.assert_allclose(combined, 0.4 * step + model - other, rtol=1e-6, atol=1e-7)
@@ -321,80 +349,55 @@ def test_gpu_kernels_match_numpy(device):
     last_update.reshape(-1)[::7] = 0
     bits = _backend.to_bfloat16(last_update)
     cpu_bits, gpu_bits = bits.copy(), cupy.asarray(bits)
-    cpu_point, gpu_point = np.empty_like(estimate), cupy.empty(estimate.shape, np.float32)
     on_gpu = [cupy.asarray(a) for a in (correction, estimate, inverse)]
-    expected = cpu.cg_gradient(correction, estimate, inverse, cpu_bits, cpu_point, True)
-    got = gpu.cg_gradient(*on_gpu, gpu_bits, gpu_point, True)
+    expected = cpu.cg_gradient(correction, estimate, inverse, cpu_bits, True)
+    got = gpu.cg_gradient(*on_gpu, gpu_bits, True)
     np.testing.assert_allclose(got, expected, rtol=1e-4)
-    np.testing.assert_allclose(gpu_point.get(), cpu_point, rtol=1e-5, atol=1e-6)
     # w = c inv - 1 cancels where RL has converged: fused multiply-adds round it otherwise there
     gpu_update, cpu_update = _backend.from_bfloat16(gpu_bits.get()), _backend.from_bfloat16(cpu_bits)
     np.testing.assert_allclose(gpu_update, cpu_update, rtol=2**-6, atol=1e-6)
-    direction = f32(0.5)
-    cpu_direction, gpu_direction = direction.copy(), cupy.asarray(direction)
-    cpu_estimate, gpu_estimate = estimate.copy(), cupy.asarray(estimate)
-    gpu_bits = cupy.asarray(cpu_bits)  # the same update on both, so that only the step is compared
-    clip_cpu = cpu.cg_advance(
-        cpu_estimate, cpu_direction, cpu_bits, 0.7, 2.5, inverse, np.float32(1e-3), False
-    )
-    clip_gpu = gpu.cg_advance(
-        gpu_estimate, gpu_direction, gpu_bits, 0.7, 2.5, on_gpu[2], np.float32(1e-3), False
-    )
-    np.testing.assert_allclose(clip_gpu, clip_cpu, rtol=1e-4)
-    np.testing.assert_allclose(gpu_direction.get(), cpu_direction, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(gpu_estimate.get(), cpu_estimate, rtol=1e-5, atol=1e-6)
+    gpu_bits = cupy.asarray(cpu_bits)  # the same update on both, so that only what follows is compared
+    for step_type in (np.uint16, np.float32):
+        update = _stored(cpu_update, step_type)[0]
+        direction = _stored(f32(0.5), step_type)[0]
+        cpu_direction, gpu_direction = direction.copy(), cupy.asarray(direction)
+        cpu_stage, gpu_stage = np.empty_like(estimate), cupy.empty(estimate.shape, np.float32)
+        cpu.cg_direction(update, cpu_direction, 0.7, False, cpu_stage)
+        gpu.cg_direction(cupy.asarray(update), gpu_direction, 0.7, False, gpu_stage)
+        np.testing.assert_allclose(gpu_stage.get(), cpu_stage, rtol=2**-6, atol=1e-6)
+        # the GPU's stage holds what its direction stores, as the CPU's does
+        stored = gpu_direction.get()
+        stored = _backend.from_bfloat16(stored) if step_type == np.uint16 else stored
+        np.testing.assert_array_equal(gpu_stage.get(), stored)
+        cpu_estimate, gpu_estimate = estimate.copy(), cupy.asarray(estimate)
+        gpu_direction = cupy.asarray(cpu_direction)  # the same direction on both
+        clip_cpu = cpu.cg_advance(cpu_estimate, cpu_direction, 2.5, inverse, np.float32(1e-3))
+        clip_gpu = gpu.cg_advance(gpu_estimate, gpu_direction, 2.5, on_gpu[2], np.float32(1e-3))
+        np.testing.assert_allclose(clip_gpu, clip_cpu, rtol=1e-4)
+        np.testing.assert_allclose(gpu_estimate.get(), cpu_estimate, rtol=1e-5, atol=1e-6)
     data, model, step = (f32() * 100).astype(np.uint16), f32() + 0.2, f32(0.5)
     for length, bound in ((0.0, True), (1.5, False)):
         args = (np.float32(0.1), np.float32(1e-6), 0.01, length, bound)
         expected = cpu.poisson_line(data, model, step, *args)
         got = gpu.poisson_line(cupy.asarray(data), cupy.asarray(model), cupy.asarray(step), *args)
         np.testing.assert_allclose(got, expected, rtol=1e-4)
-    # the first pass that also makes H d, a per-column background, strided views
+    # a per-column background and strided views (the hold-out's checkerboard)
     column = (rng.random(model.shape[-1]) * 0.2).astype(np.float32)
     part = (slice(None), slice(1, None, 2), slice(None))
-    cpu_step, gpu_step = step.copy(), cupy.asarray(step)
     offset_cpu = np.broadcast_to(column, model.shape)[part]
     offset_gpu = cupy.broadcast_to(cupy.asarray(column), model.shape)[part]
-    expected = cpu.poisson_line(
-        data[part],
-        model[part],
-        cpu_step[part],
-        offset_cpu,
-        np.float32(1e-6),
-        0.01,
-        0.0,
-        True,
-        (0.4, model[part] * 2),
-    )
-    plus = cupy.asarray(model)[part] * 2
-    got = gpu.poisson_line(
-        cupy.asarray(data)[part],
-        cupy.asarray(model)[part],
-        gpu_step[part],
-        offset_gpu,
-        np.float32(1e-6),
-        0.01,
-        0.0,
-        True,
-        (0.4, plus),
-    )
+    args = (np.float32(1e-6), 0.01, 0.0, True)
+    expected = cpu.poisson_line(data[part], model[part], step[part], offset_cpu, *args)
+    on_device = (cupy.asarray(a)[part] for a in (data, model, step))
+    got = gpu.poisson_line(*on_device, offset_gpu, *args)
     np.testing.assert_allclose(got, expected, rtol=1e-4)
-    np.testing.assert_allclose(gpu_step.get(), cpu_step, rtol=1e-5, atol=1e-6)
     cpu_model, gpu_model = model.copy(), cupy.asarray(model)
-    cpu_out, gpu_out = np.empty_like(model), cupy.empty(model.shape, np.float32)
-    cpu.cg_model_ratio(data, cpu_model, step, 0.3, cpu_out, np.float32(0.1), np.float32(1e-6), 0.01)
-    gpu.cg_model_ratio(
-        cupy.asarray(data),
-        gpu_model,
-        cupy.asarray(step),
-        0.3,
-        gpu_out,
-        np.float32(0.1),
-        np.float32(1e-6),
-        0.01,
-    )
+    cpu_ratio, gpu_ratio = step.copy(), cupy.asarray(step)
+    scalars = (np.float32(0.1), np.float32(1e-6), 0.01)
+    cpu.cg_model_ratio(data, cpu_model, cpu_ratio, 0.3, *scalars)
+    gpu.cg_model_ratio(cupy.asarray(data), gpu_model, gpu_ratio, 0.3, *scalars)
     np.testing.assert_allclose(gpu_model.get(), cpu_model, rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(gpu_out.get(), cpu_out, rtol=1e-5)
+    np.testing.assert_allclose(gpu_ratio.get(), cpu_ratio, rtol=1e-5)
     combined = cupy.asarray(step)
     gpu.combine(combined, 0.4, 1.0, cupy.asarray(model), cupy.asarray(data).astype(np.float32))
     np.testing.assert_allclose(combined.get(), 0.4 * step + model - data, rtol=1e-5, atol=1e-5)

@@ -131,7 +131,7 @@ def test_the_model_carried_by_linearity_stays_that_of_the_estimate(problem, boun
     def spy(self, iteration, estimate, *args):
         original(self, iteration, estimate, *args)
         if self.pending is not None:
-            carried = self.model + np.float32(self.pending) * self.model_step
+            carried = self.model + np.float32(self.pending) * self.scratch  # scratch: H d
             exact = check.forward(estimate)
             errors.append(float(np.linalg.norm(carried - exact) / np.linalg.norm(exact)))
 
@@ -152,7 +152,7 @@ def test_the_step_maximizes_the_likelihood_along_the_direction():
     length = 0.0
     for _ in range(6):
         first, second, _, _ = be.poisson_line(
-            data, model, step, np.float32(0), np.float32(1e-6), 1.0, length, False, None, False
+            data, model, step, np.float32(0), np.float32(1e-6), 1.0, length, False, False
         )
         length += (first - total) / second
     grid = np.linspace(0.1, 4.3, 10000)  # the model turns negative past 4.37

@@ -7,12 +7,12 @@ combined with the last search direction by the Polak–Ribière weight, and the 
 direction is found by Newton's method on the exact likelihood.
 
 Why it is fast: the blur is linear, so the model ``H (x + t d) = H x + t H d`` costs no
-transform for any ``t``, and ``H d`` comes from the transform of RL's own point that the
-iteration makes anyway. An iteration costs RL's four FFTs plus a few passes over the data. The
-model is carried from one iteration to the next by that sum, which ignores the clip at zero of
-the new estimate; every ``REFRESH`` iterations it is made anew from the estimate (two more
-FFTs), which keeps the directions conjugate (without it the Polak–Ribière weight fell to zero
-and the method slowed to steepest ascent). New estimates are clipped at a small floor, not at 0:
+transform for any ``t``. The iteration blurs the direction ``d`` where plain RL blurs its new
+estimate, so it costs RL's four FFTs plus a few passes over the data. The model is carried from
+one iteration to the next by that sum, which ignores the clip of the new estimate at its floor;
+every ``REFRESH`` iterations it is made anew from the estimate (two more FFTs), which keeps the
+directions conjugate (without it the Polak–Ribière weight fell to zero and the method slowed to
+steepest ascent). New estimates are clipped at a small floor, not at 0:
 the preconditioner is ``x``, so a voxel at 0 could never move again.
 
 Measured on the benchmark problem (64x256x256, widefield PSF, Poisson noise): plain RL's best
@@ -79,9 +79,10 @@ FLOOR_FRACTION = 1e-6
 class ConjugateGradient:
     """The search state of conjugate-gradient RL for one run of a ``_RichardsonLucy`` solver.
 
-    Buffers: the search direction (object-sized, float32), RL's last update (bfloat16 bits, or
-    float32 for tiles, as Biggs–Andrews keeps its steps), and the model ``H x`` and ``H d``
-    (image-sized, float32).
+    Buffers: the search direction and RL's last update (object-sized, bfloat16 bits; float32
+    for tiles, as Biggs–Andrews keeps its steps), and the model ``H x`` (image-sized, float32).
+    ``H d`` lives in the operator's scratch, where the next ratio is made. The solver's
+    normalization is kept in 16 bits too (``compact_normalization``).
 
     Examples
     --------
@@ -99,15 +100,27 @@ class ConjugateGradient:
     def __init__(self, solver: Any, estimate: Any):
         be, op = solver.be, solver.op
         self.solver, self.be, self.op = solver, be, op
-        self.direction = be.empty(op.object_shape)
-        self.update = be.empty(op.object_shape, np.float32 if in_force() else np.uint16)
-        self.model_step = be.empty(op.image_shape)
-        # "reflect" extends the transform's input on its way in: RL's point needs its own array
+        tiles = in_force()
+        if not tiles and solver.normalization is not None and solver.normalization.dtype == np.float32:
+            # H^T 1 in 16-bit fixed point: half the memory of float32 (without it this mode
+            # needed 10.5-10.8x the input on the benchmark, over the 10x the project allows),
+            # exact where H^T 1 is 1 (inside the image, away from its edges) and within 4e-4
+            # of it elsewhere. Tiles keep float32, as they keep their steps.
+            solver.normalization = be.compact_normalization(solver.normalization)
+        # bfloat16: the step follows the direction as stored, and H d is the blur of exactly
+        # that, so its rounding only tilts the direction a little (on the benchmark problem and
+        # the 8 phantom cases every PSNR matched float32's to 0.01 dB). Tiles keep float32:
+        # bfloat16 would magnify a tile's float32 differences from the whole.
+        step_dtype = np.float32 if tiles else np.uint16
+        self.direction = be.empty(op.object_shape, step_dtype)
+        self.update = be.empty(op.object_shape, step_dtype)
+        # "reflect" extends the transform's input on its way in: the direction needs a float32
+        # array of its own to be blurred from
         self.point = be.empty(op.object_shape) if op.staging_buffer() is None else None
         blurred = op.forward(estimate)
         self.model = blurred.copy()
-        self.scratch = blurred  # the operator's last output: where the next ratio is made
-        self.pending = None  # the step not yet carried into the model (None: scratch holds it)
+        self.scratch = blurred  # the operator's last output: H x, or H d while ``pending``
+        self.pending = None  # the step length not yet carried into the model along H d
         self.norm = 0.0  # <grad, P grad> of the last iteration: the Polak–Ribière denominator
         self.floor = np.float32(FLOOR_FRACTION * solver.flux)
 
@@ -118,41 +131,37 @@ class ConjugateGradient:
         if self.pending is None:  # the operator's output is the model
             correction = solver.ratio_and_adjoint(self.scratch, divergence, sampled)
         elif divergence or sampled or solver.holdout is not None:  # measured on the model first
-            be.combine(self.model, 1.0, self.pending, self.model_step)
+            be.combine(self.model, 1.0, self.pending, self.scratch)
             be.copy(self.scratch, self.model)
             correction = solver.ratio_and_adjoint(self.scratch, divergence, sampled)
         else:  # the last step carried into the model, and the ratio, in one pass
             args = (solver.background, solver.floor, solver.image_scale, solver.image_has_negatives)
-            be.cg_model_ratio(solver.image, self.model, self.model_step, self.pending, self.scratch, *args)
+            be.cg_model_ratio(solver.image, self.model, self.scratch, self.pending, *args)
             correction = op.adjoint()
         first = iteration == 1
         normalization = solver.normalization
-        staged = self.point is None
-        point = op.staging_buffer() if staged else self.point
-        own, cross = be.cg_gradient(correction, estimate, normalization, self.update, point, not first)
-        del correction
-        blurred = op.forward(None if staged else point, staged=staged)  # H of RL's point
+        own, cross = be.cg_gradient(correction, estimate, normalization, self.update, not first)
+        del correction  # spent: the direction is staged where it lay
         pilot = recorded("rl.cg.beta")  # a tile: the weights and steps its pilot tile took
         if pilot is not None and iteration < len(pilot) and pilot[iteration] is not None:
             beta, length = pilot[iteration], recorded("rl.cg.step")[iteration]
-            # H d <- (H z - H x) + beta H d: RL's update is z - x, and the blur is linear
-            be.combine(self.model_step, beta, 1.0, blurred, self.model)
+            blurred = self.blur_direction(beta)
         else:
             beta = 0.0
             if not first and self.norm > 0 and math.isfinite(own) and math.isfinite(cross):
                 beta = max(0.0, (own - cross) / self.norm)  # Polak–Ribière, restarted when negative
                 if beta > MAX_BETA:  # the last gradient vanished (converged): a fresh start
                     beta = 0.0
-            length, ascends = self.step_length((beta, blurred))
-            if beta and not ascends:  # H d carried too far from the direction: restart from u
-                beta = 0.0
-                length, _ = self.step_length((beta, blurred))
+            blurred = self.blur_direction(beta)
+            length, ascends = self.step_length(blurred)
+            if beta and not ascends:  # a fresh start from RL's update (two more FFTs; rare:
+                beta = 0.0  # none in 30 iterations of the benchmark problem and 8 phantoms)
+                blurred = self.blur_direction(beta)
+                length, _ = self.step_length(blurred)
             beta = shared_step("rl.cg.beta", iteration, beta)
             length = shared_step("rl.cg.step", iteration, length)
         self.norm = own
-        fresh = beta == 0
-        args = (beta, length, normalization, self.floor, fresh)
-        clipped, stepped = be.cg_advance(estimate, self.direction, self.update, *args)
+        clipped, stepped = be.cg_advance(estimate, self.direction, length, normalization, self.floor)
         self.pending = None
         if last:
             return
@@ -163,26 +172,30 @@ class ConjugateGradient:
         if iteration % REFRESH == 0 or clip_refresh:
             blurred = op.forward(estimate)
             be.copy(self.model, blurred)
-            # H d was carried too, and does not match the clipped steps: the next direction
-            # starts afresh from RL's update (a restart every REFRESH iterations; on four test
+            # the directions' conjugacy assumed the carried model: the next direction starts
+            # afresh from RL's update (a restart every REFRESH iterations; on four test
             # problems the likelihood then fell at 1 of 80 iterations, against 4 without)
             self.norm = 0.0
         else:
             self.pending = length  # H x + length H d: carried at the start of the next iteration
         self.scratch = blurred
 
-    def step_length(self, remake: tuple[float, Any]) -> tuple[float, bool]:
-        """Newton's method on the Poisson log-likelihood along the direction, from 0 (the data
-        of the held-out voxels left out while :meth:`_RichardsonLucy.count_by_holdout` counts).
-        ``remake`` = ``(beta, H z)`` makes ``H d`` first (in the first pass when it covers every
-        voxel). Returns the step and whether the direction ascends at all (the likelihood's slope
-        at 0 is positive)."""
+    def blur_direction(self, beta: float) -> Any:
+        """The search direction ``d <- u + beta d`` (``beta`` 0: RL's update ``u``), and ``H d``
+        (image-shaped scratch of the operator's). The transform takes the place of plain RL's
+        blur of its new estimate: the model is carried by linearity instead."""
+        op = self.op
+        stage = op.staging_buffer() if self.point is None else self.point
+        self.be.cg_direction(self.update, self.direction, beta, beta == 0, stage)
+        return op.forward(self.point, staged=self.point is None)
+
+    def step_length(self, blurred: Any) -> tuple[float, bool]:
+        """Newton's method on the Poisson log-likelihood along ``H x + t H d`` (``blurred`` is
+        ``H d``), from 0 (over the kept voxels only while :meth:`_RichardsonLucy.count_by_holdout`
+        counts). Returns the step and whether the direction ascends at all (the likelihood's
+        slope at 0 is positive)."""
         solver = self.solver
-        holdout = solver.holdout
-        parts = [...]
-        if holdout is not None:  # H d is needed everywhere, the sums only on the kept voxels
-            self.be.combine(self.model_step, remake[0], 1.0, remake[1], self.model)
-            parts, remake = holdout.kept, None
+        parts = [...] if solver.holdout is None else solver.holdout.kept
         length, top, total = 0.0, MAX_STEP, 0.0
         for step in range(NEWTON_STEPS):
             first = second = 0.0
@@ -191,13 +204,12 @@ class ConjugateGradient:
                 sums = self.be.poisson_line(
                     solver.image[part],
                     self.model[part],
-                    self.model_step[part],
+                    blurred[part],
                     solver.background_at(part),
                     solver.floor,
                     solver.image_scale,
                     length,
                     step == 0,
-                    remake if step == 0 else None,
                     solver.image_has_negatives,
                 )
                 first, second, bound = first + sums[0], second + sums[1], min(bound, sums[3])
