@@ -470,13 +470,14 @@ def _constant(value: float) -> np.ndarray:
 
 
 def _total(values: np.ndarray) -> float:
-    """``values.sum()`` of a float32 slab, as a dot product with ones where it is contiguous:
-    BLAS sums three times faster than NumPy's pairwise sum, to float32's precision, which the
-    step sizes and clips it adds up need."""
+    """``values.sum()`` of a float32 slab, as a dot product with ones: BLAS sums three times
+    faster than NumPy's pairwise sum, to float32's precision, which the step sizes and clips it
+    adds up need."""
     ones = _constant(1.0)
-    if values.flags.c_contiguous and values.size <= ones.size:
-        return float(np.dot(values.reshape(-1), ones[: values.size]))
-    return float(values.sum(dtype=np.float64))
+    if values.size > ones.size:
+        return float(values.sum(dtype=np.float64))
+    # a strided view is copied first: still faster than NumPy's strided sum
+    return float(np.dot(np.ascontiguousarray(values).reshape(-1), ones[: values.size]))
 
 
 def _at_least(values: np.ndarray, floor: float, out: np.ndarray, where: Any = True) -> np.ndarray:
@@ -750,28 +751,32 @@ def _numpy_kernels(slabs: _Slabs):
             min(p[3] for p in parts),
         )
 
-    def cg_advance(estimate, direction, length, normalization, floor):
+    def cg_advance(estimate, direction, length, normalization, floor, measure=True):
         """``x <- max(x + length d, floor)`` (``d`` as :func:`cg_direction` stored it), and 0
         where the normalization is 0 (the gradient's terms there are 0 only because ``x`` is).
         Returns how much the clip at the floor added, ``sum(max(floor - x - length d, 0))``,
-        and the step's size, ``sum(|length d|)`` (where the normalization is not 0)."""
+        and the step's size, ``sum(|length d|)`` (where the normalization is not 0); both 0
+        unless ``measure``."""
         length = np.float32(length)
 
         def slab(s):
             value = _load_step(direction[s])
             value *= length
-            magnitude = np.abs(value)
-            stepped = _total(magnitude)  # d is 0 where the data see nothing
+            clipped = stepped = 0.0
+            if measure:
+                magnitude = np.abs(value)
+                stepped = _total(magnitude)  # d is 0 where the data see nothing
             value += estimate[s]
-            short = np.subtract(floor, value, out=magnitude)
-            clipped = _total(_at_least(short, 0, out=short))
+            if measure:
+                short = np.subtract(floor, value, out=magnitude)
+                clipped = _total(_at_least(short, 0, out=short))
             if normalization is None:
                 _at_least(value, floor, out=estimate[s])
             else:  # unseen voxels were 0 and stay 0 (a masked maximum: a product would cost more)
                 seen = normalization[s] > 0
                 _at_least(value, floor, out=estimate[s], where=seen)
-                # what the sum gave them at the floor is not clipping
-                clipped -= float(floor) * (seen.size - np.count_nonzero(seen))
+                if measure:  # what the sum gave them at the floor is not clipping
+                    clipped -= float(floor) * (seen.size - np.count_nonzero(seen))
             return max(clipped, 0.0), stepped
 
         parts = slabs.map(slab, estimate)
@@ -1234,11 +1239,11 @@ def _cupy_kernels(cupy: Any):
         total, bound = rest
         return first, second, total, math.inf if bound >= 1e299 else bound
 
-    def cg_advance(estimate, direction, length, normalization, floor):
+    def cg_advance(estimate, direction, length, normalization, floor, measure=True):
         inverse = _inverse(normalization)
         *_, advance, clip_sums = cg_by_types[direction.dtype, inverse.dtype]
         scalars = (cupy.float32(length), inverse, cupy.float32(floor))
-        sums = _sum_by_rows(clip_sums, estimate, direction, *scalars)
+        sums = _sum_by_rows(clip_sums, estimate, direction, *scalars) if measure else 0j
         advance(direction, *scalars, estimate)
         return sums.real, sums.imag
 

@@ -158,6 +158,9 @@ def test_conjugate_gradient_kernels_match_their_formulas(shape, step_type, norma
     np.testing.assert_allclose(advanced, expected, rtol=1e-5, atol=1e-6)
     assert clipped == pytest.approx(float(np.maximum(1e-3 - moved, 0)[seen].sum()), rel=1e-4, abs=1e-6)
     assert stepped == pytest.approx(float(np.abs(2.5 * followed)[seen].sum()), rel=1e-5)
+    unmeasured = estimate.copy()
+    assert be.cg_advance(unmeasured, direction, 2.5, inverse, np.float32(1e-3), False) == (0, 0)
+    np.testing.assert_array_equal(unmeasured, advanced)
     be.cg_direction(update, direction, 0.7, True, stage)  # a fresh start: RL's update
     np.testing.assert_array_equal(stage, stored)
 
@@ -356,10 +359,21 @@ def test_gpu_kernels_match_numpy(device):
     # w = c inv - 1 cancels where RL has converged: fused multiply-adds round it otherwise there
     gpu_update, cpu_update = _backend.from_bfloat16(gpu_bits.get()), _backend.from_bfloat16(cpu_bits)
     np.testing.assert_allclose(gpu_update, cpu_update, rtol=2**-6, atol=1e-6)
+    # the compact normalization (H^T 1 in 16 bits), made on each, then used by each
+    compact = cpu.compact_normalization(inverse)
+    np.testing.assert_array_equal(gpu.compact_normalization(cupy.asarray(inverse)).get(), compact)
+    cpu_bits, gpu_bits = bits.copy(), cupy.asarray(bits)
+    expected = cpu.cg_gradient(correction, estimate, compact, cpu_bits, True)
+    got = gpu.cg_gradient(on_gpu[0], on_gpu[1], cupy.asarray(compact), gpu_bits, True)
+    np.testing.assert_allclose(got, expected, rtol=1e-4)
+    compact_update = _backend.from_bfloat16(gpu_bits.get())
+    np.testing.assert_allclose(compact_update, _backend.from_bfloat16(cpu_bits), rtol=2**-6, atol=1e-6)
     gpu_bits = cupy.asarray(cpu_bits)  # the same update on both, so that only what follows is compared
     for step_type in (np.uint16, np.float32):
         update = _stored(cpu_update, step_type)[0]
-        direction = _stored(f32(0.5), step_type)[0]
+        last_direction = f32(0.5)
+        last_direction.reshape(-1)[::7] = 0  # 0 where the estimate is, as RL's updates are
+        direction = _stored(last_direction, step_type)[0]
         cpu_direction, gpu_direction = direction.copy(), cupy.asarray(direction)
         cpu_stage, gpu_stage = np.empty_like(estimate), cupy.empty(estimate.shape, np.float32)
         cpu.cg_direction(update, cpu_direction, 0.7, False, cpu_stage)
@@ -369,12 +383,16 @@ def test_gpu_kernels_match_numpy(device):
         stored = gpu_direction.get()
         stored = _backend.from_bfloat16(stored) if step_type == np.uint16 else stored
         np.testing.assert_array_equal(gpu_stage.get(), stored)
-        cpu_estimate, gpu_estimate = estimate.copy(), cupy.asarray(estimate)
         gpu_direction = cupy.asarray(cpu_direction)  # the same direction on both
-        clip_cpu = cpu.cg_advance(cpu_estimate, cpu_direction, 2.5, inverse, np.float32(1e-3))
-        clip_gpu = gpu.cg_advance(gpu_estimate, gpu_direction, 2.5, on_gpu[2], np.float32(1e-3))
-        np.testing.assert_allclose(clip_gpu, clip_cpu, rtol=1e-4)
-        np.testing.assert_allclose(gpu_estimate.get(), cpu_estimate, rtol=1e-5, atol=1e-6)
+        for normalization in (inverse, compact):
+            cpu_estimate, gpu_estimate = estimate.copy(), cupy.asarray(estimate)
+            args = (2.5, np.float32(1e-3))
+            clip_cpu = cpu.cg_advance(cpu_estimate, cpu_direction, args[0], normalization, args[1])
+            clip_gpu = gpu.cg_advance(
+                gpu_estimate, gpu_direction, args[0], cupy.asarray(normalization), args[1]
+            )
+            np.testing.assert_allclose(clip_gpu, clip_cpu, rtol=1e-4)
+            np.testing.assert_allclose(gpu_estimate.get(), cpu_estimate, rtol=1e-5, atol=1e-6)
     data, model, step = (f32() * 100).astype(np.uint16), f32() + 0.2, f32(0.5)
     for length, bound in ((0.0, True), (1.5, False)):
         args = (np.float32(0.1), np.float32(1e-6), 0.01, length, bound)

@@ -40,11 +40,10 @@ import numpy as np
 from .._tile_model import in_force, recorded, shared_step
 
 #: The model ``H x`` is made anew from the estimate every this many iterations (two FFTs), and
-#: the search direction restarts from RL's update; in between both are carried by linearity.
-#: Every 4th: plain RL's 50-iteration best after 7 iterations on the benchmark problem and 6-10 on
-#: the 8 phantom cases; every 6th or 8th: 8-9 on the benchmark, and one phantom case never got
-#: there in 30 (though bright ones went further by 30); never refreshed, it slowed to steepest
-#: ascent.
+#: the search direction restarts from RL's update; in between the model is carried by
+#: linearity. Every 4th: plain RL's 50-iteration best after 7 iterations on the benchmark problem
+#: and 6-10 on the 8 phantom cases; every 6th, 8th or never: 8-9 on the benchmark, and one
+#: phantom case (dim cells, light sheet) never got there in 30.
 REFRESH = 4
 
 #: Bounds on the step along the search direction, in units of RL's own step: at least a small
@@ -152,6 +151,7 @@ class ConjugateGradient:
                 beta = max(0.0, (own - cross) / self.norm)  # Polak–Ribière, restarted when negative
                 if beta > MAX_BETA:  # the last gradient vanished (converged): a fresh start
                     beta = 0.0
+
             blurred = self.blur_direction(beta)
             length, ascends = self.step_length(blurred)
             if beta and not ascends:  # a fresh start from RL's update (two more FFTs; rare:
@@ -161,7 +161,9 @@ class ConjugateGradient:
             beta = shared_step("rl.cg.beta", iteration, beta)
             length = shared_step("rl.cg.step", iteration, length)
         self.norm = own
-        clipped, stepped = be.cg_advance(estimate, self.direction, length, normalization, self.floor)
+        refresh = iteration % REFRESH == 0
+        args = (length, normalization, self.floor, not (last or refresh))  # measured when they decide
+        clipped, stepped = be.cg_advance(estimate, self.direction, *args)
         self.pending = None
         if last:
             return
@@ -169,12 +171,14 @@ class ConjugateGradient:
         # CLIP_REFRESH of the step, the model is made anew (a dim first step clipped enough to
         # leave it 10% wrong, and the next iterations then stalled)
         clip_refresh = shared_step("rl.cg.refresh", iteration, float(clipped > CLIP_REFRESH * stepped))
-        if iteration % REFRESH == 0 or clip_refresh:
+        if refresh or clip_refresh:
             blurred = op.forward(estimate)
             be.copy(self.model, blurred)
-            # the directions' conjugacy assumed the carried model: the next direction starts
-            # afresh from RL's update (a restart every REFRESH iterations; on four test
-            # problems the likelihood then fell at 1 of 80 iterations, against 4 without)
+            # and the next direction starts afresh from RL's update. Without these restarts (with
+            # or without Powell's restart test) or with one at every other refresh, plain RL's
+            # best came later on the benchmark problem or the bright phantoms (up to 11
+            # iterations, against 8), or never on dim cells under a light sheet, though bright
+            # beads then went much further by 30 iterations (51-54 dB against 45)
             self.norm = 0.0
         else:
             self.pending = length  # H x + length H d: carried at the start of the next iteration
