@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from .._backend import release_freed_memory
 from .._tile_model import in_force, recorded, shared_step
 
 #: The model ``H x`` is made anew from the estimate every this many iterations (two FFTs), and
@@ -106,6 +107,8 @@ class ConjugateGradient:
             # exact where H^T 1 is 1 (inside the image, away from its edges) and within 4e-4
             # of it elsewhere. Tiles keep float32, as they keep their steps.
             solver.normalization = be.compact_normalization(solver.normalization)
+            if be.name == "cpu":  # the float32 one's pages, before the buffers below are made
+                release_freed_memory()
         # bfloat16: the step follows the direction as stored, and H d is the blur of exactly
         # that, so its rounding only tilts the direction a little (on the benchmark problem and
         # the 8 phantom cases every PSNR matched float32's to 0.01 dB). Tiles keep float32:

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from .. import _validate
-from .._backend import Backend, get_backend, return_like
+from .._backend import Backend, get_backend, release_freed_memory, return_like
 from .._tile_model import in_force, recorded, reused, shared, shared_step
 from ..operators import Boundary, Convolution
 from ._conjugate import ConjugateGradient
@@ -621,6 +621,8 @@ class _RichardsonLucy:
             del step, update_prev  # before the result is made: lower peak memory
         del conjugate
         del tv_factor, previous
+        if be.name == "cpu":  # the result may take their pages, not new ones
+            release_freed_memory()
         return self.in_image_units(current)
 
     def in_image_units(self, estimate):
