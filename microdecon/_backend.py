@@ -506,6 +506,16 @@ def _total(values: np.ndarray) -> float:
     return float(np.dot(np.ascontiguousarray(values).reshape(-1), ones[: values.size]))
 
 
+def _add_scaled(values: np.ndarray, factor: float, out: np.ndarray) -> np.ndarray:
+    """``out += factor * values`` (float32; ``values`` is scratch: it is scaled in place).
+
+    Not BLAS's saxpy: called from the kernels' threads it ran the conjugate-gradient iteration
+    50% slower, its own threads contending with them."""
+    values *= np.float32(factor)
+    out += values
+    return out
+
+
 def _at_least(values: np.ndarray, floor: float, out: np.ndarray, where: Any = True) -> np.ndarray:
     """``out <- max(values, floor)`` (only ``where`` it is True; elsewhere ``out`` is left as
     it is), against an array of ``floor`` a slab long.
@@ -723,9 +733,7 @@ def _numpy_kernels(slabs: _Slabs):
         def slab(s):
             value = _load_step(update[s])
             if not fresh:
-                previous = _load_step(direction[s])
-                previous *= beta
-                value += previous
+                _add_scaled(_load_step(direction[s]), beta, value)
             _store_step(value, direction[s])
             _load_step(direction[s], out=stage[s])
 
@@ -749,14 +757,11 @@ def _numpy_kernels(slabs: _Slabs):
 
         def slab(s):
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-                y = np.multiply(image[s], image_scale, dtype=np.float32)
-                if clip_image:
-                    _at_least(y, 0, out=y)
                 m = np.add(model[s], background[s] if per_voxel else background, dtype=np.float32)
                 _at_least(m, floor, out=m)
                 h = step[s]
                 if length:
-                    m += length * h
+                    m += np.multiply(h, length)  # its temporary goes before the data's is made
                     _at_least(m, floor, out=m)
                 np.divide(h, m, out=m)
                 bound, total = math.inf, 0.0
@@ -764,9 +769,19 @@ def _numpy_kernels(slabs: _Slabs):
                     steepest = float(m.min()) if m.size else 0.0
                     bound = -1.0 / steepest if steepest < 0 else math.inf
                     total = _total(h)
-                first = float(np.dot(y.ravel(), m.ravel()))
+                # the data's scale leaves the sums: float32 data are read as they are (a copy
+                # only to convert, to clip or to gather a strided view), in any dtype alike;
+                # data past 1e20 are scaled first, as float32 sums of them could overflow
+                data, scale = image[s], float(image_scale)
+                if scale < 1e-20:
+                    data, scale = np.multiply(data, image_scale, dtype=np.float32), 1.0
+                if clip_image:
+                    data = data.astype(np.float32)  # a copy: clipped in place
+                    _at_least(data, 0, out=data)
+                data = np.ascontiguousarray(data, dtype=np.float32)
+                first = float(np.dot(data.ravel(), m.ravel())) * scale
                 m *= m
-                second = float(np.dot(y.ravel(), m.ravel()))
+                second = float(np.dot(data.ravel(), m.ravel())) * scale
                 return first, second, total, bound
 
         parts = slabs.map(slab, model)
@@ -786,21 +801,21 @@ def _numpy_kernels(slabs: _Slabs):
         length = np.float32(length)
 
         def slab(s):
-            value = _load_step(direction[s])
-            value *= length
+            d = _load_step(direction[s])
+            x = estimate[s]
             clipped = stepped = 0.0
             if measure:
-                magnitude = np.abs(value)
-                stepped = _total(magnitude)  # d is 0 where the data see nothing
-            value += estimate[s]
+                magnitude = np.abs(d)
+                stepped = _total(magnitude) * abs(float(length))  # d is 0 where the data see nothing
+            _add_scaled(d, length, x)  # in place: the estimate's slab is contiguous
             if measure:
-                short = np.subtract(floor, value, out=magnitude)
+                short = np.subtract(floor, x, out=magnitude)
                 clipped = _total(_at_least(short, 0, out=short))
             if normalization is None:
-                _at_least(value, floor, out=estimate[s])
+                _at_least(x, floor, out=x)
             else:  # unseen voxels were 0 and stay 0 (a masked maximum: a product would cost more)
                 seen = normalization[s] > 0
-                _at_least(value, floor, out=estimate[s], where=seen)
+                _at_least(x, floor, out=x, where=seen)
                 if measure:  # what the sum gave them at the floor is not clipping
                     clipped -= float(floor) * (seen.size - np.count_nonzero(seen))
             return max(clipped, 0.0), stepped
