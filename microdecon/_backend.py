@@ -457,8 +457,23 @@ def from_bfloat16(bits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray
     return out
 
 
-#: A compact normalization (the kernel ``compact_normalization``) holds ``H^T 1`` in these units.
+#: A compact normalization (the kernel ``compact_normalization``) holds ``H^T 1`` in these units,
+#: and UNSEEN where the data see too little of a voxel: a seen voxel's ``H^T 1`` is over 0.02, so
+#: at least 1311. Not 0: its quotients stay finite, and meet the estimate's 0 there without a test.
 VISIBLE_UNITS = 65535
+UNSEEN = 1
+
+
+def seen_by_data(normalization: Any) -> Any:
+    """Where RL's normalization says the data see a voxel (NumPy or CuPy, a boolean array): a
+    float32 ``1 / H^T 1`` over 0, or a compact one (``compact_normalization``) over UNSEEN.
+
+    Examples
+    --------
+    >>> seen_by_data(np.float32([0.0, 1.5])).tolist(), seen_by_data(np.uint16([UNSEEN, 2000])).tolist()
+    ([False, True], [False, True])
+    """
+    return normalization > (UNSEEN if normalization.dtype == np.uint16 else 0)
 
 
 def _load_step(bits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -482,15 +497,19 @@ _CONSTANTS: dict[float, np.ndarray] = {}  # value -> read-only float32 array of 
 _MAX_CONSTANTS = 16  # conjugate-gradient RL's floor depends on the data: the oldest make room
 
 
+_CONSTANTS_LOCK = threading.Lock()
+
+
 def _constant(value: float) -> np.ndarray:
     """A read-only float32 array of ``value``, one slab long (made once per value)."""
     constant = _CONSTANTS.get(float(value))
     if constant is None:
         constant = np.full(_SLAB_ELEMENTS, value, np.float32)
         constant.flags.writeable = False
-        while len(_CONSTANTS) >= _MAX_CONSTANTS:
-            _CONSTANTS.pop(next(iter(_CONSTANTS), None), None)
-        _CONSTANTS[float(value)] = constant  # a race only makes one twice: both are right
+        with _CONSTANTS_LOCK:  # the kernels' threads ask at once: one evicts at a time
+            while len(_CONSTANTS) >= _MAX_CONSTANTS:
+                del _CONSTANTS[next(iter(_CONSTANTS))]
+            _CONSTANTS[float(value)] = constant
     return constant
 
 
@@ -658,13 +677,14 @@ def _numpy_kernels(slabs: _Slabs):
 
     def compact_normalization(normalization):
         """RL's normalization ``1 / H^T 1`` (float32; 0 where the data see too little of a
-        voxel) as uint16: ``H^T 1`` in units of ``1 / VISIBLE_UNITS``, 0 where it is 0 (a new
-        array).
+        voxel) as uint16: ``H^T 1`` in units of ``1 / VISIBLE_UNITS``, UNSEEN where it is 0 (a
+        new array).
 
-        Half the memory of float32, for a relative error in ``H^T 1`` of at most 4e-4 (at the
-        support's edge, ``H^T 1 = 0.02``) and none where ``H^T 1`` is 1 (inside the image, away
-        from its edges); bfloat16 would be off by up to 0.4%. The conjugate-gradient kernels
-        take either form.
+        Half the memory of float32, for a relative error in ``H^T 1`` of at most
+        ``0.5 / (VISIBLE_UNITS H^T 1)``: none where it is 1, 6e-5 at 1/8, 0.8% at the support's
+        edge (MIN_VISIBLE_FRACTION, 1e-3); bfloat16 would be off by up to 0.4% everywhere.
+        ``H^T 1`` must be at most 1 (as for "non-circulant"): larger values are stored as 1. The
+        conjugate-gradient kernels take either form.
         """
         out = np.empty(normalization.shape, np.uint16)
 
@@ -674,8 +694,8 @@ def _numpy_kernels(slabs: _Slabs):
                 visible = np.divide(np.float32(VISIBLE_UNITS), part)  # inf where unseen
             np.rint(visible, out=visible)
             np.minimum(visible, np.float32(VISIBLE_UNITS), out=visible)
-            out[s] = visible  # VISIBLE_UNITS where unseen, until the next line
-            out[s] *= part > 0
+            np.copyto(visible, np.float32(UNSEEN), where=~(part > 0))
+            out[s] = visible
 
         slabs.map(slab, normalization)
         return out
@@ -698,10 +718,8 @@ def _numpy_kernels(slabs: _Slabs):
             if normalization is None:
                 w = np.subtract(c, np.float32(1))
                 gradient = w.copy()
-            elif compact:  # see compact_normalization
-                gradient = normalization[s].astype(np.float32)  # H^T 1, for now
-                _at_least(gradient, 1, out=gradient)  # unseen voxels (0): x = 0 there
-                gradient *= np.float32(1 / VISIBLE_UNITS)
+            elif compact:  # see compact_normalization: H^T 1, for now; never 0
+                gradient = np.multiply(normalization[s], np.float32(1 / VISIBLE_UNITS), dtype=np.float32)
                 w = np.divide(c, gradient)
                 w -= np.float32(1)
                 np.subtract(c, gradient, out=gradient)
@@ -770,9 +788,10 @@ def _numpy_kernels(slabs: _Slabs):
                     total = _total(h)
                 # the data's scale leaves the sums: float32 data are read as they are (a copy
                 # only to convert, to clip or to gather a strided view), in any dtype alike;
-                # data past 1e20 are scaled first, as float32 sums of them could overflow
+                # data past 1e20 or under 1e-20 are scaled first: float32 sums of them could
+                # overflow, or lose digits to subnormal numbers
                 data, scale = image[s], float(image_scale)
-                if scale < 1e-20:
+                if not 1e-20 <= scale <= 1e20:
                     data, scale = np.multiply(data, image_scale, dtype=np.float32), 1.0
                 if clip_image:
                     data = data.astype(np.float32)  # a copy: clipped in place
@@ -813,7 +832,7 @@ def _numpy_kernels(slabs: _Slabs):
             if normalization is None:
                 _at_least(x, floor, out=x)
             else:  # unseen voxels were 0 and stay 0 (a masked maximum: a product would cost more)
-                seen = normalization[s] > 0
+                seen = seen_by_data(normalization[s])
                 _at_least(x, floor, out=x, where=seen)
                 if measure:  # what the sum gave them at the floor is not clipping
                     clipped -= float(floor) * (seen.size - np.count_nonzero(seen))
@@ -1054,7 +1073,8 @@ def _cupy_kernels(cupy: Any):
     compact = cupy.ElementwiseKernel(
         "float32 inv",
         "uint16 visible",
-        f"visible = inv > 0.f ? (unsigned short)fminf(rintf({VISIBLE_UNITS}.f / inv), {VISIBLE_UNITS}.f) : 0",
+        f"visible = inv > 0.f ? (unsigned short)fminf(rintf({VISIBLE_UNITS}.f / inv), {VISIBLE_UNITS}.f)"
+        f" : {UNSEEN}",
         "microdecon_compact_normalization",
     )
 
@@ -1067,9 +1087,10 @@ def _cupy_kernels(cupy: Any):
         c_inverse = "unsigned short" if inverse_type == "uint16" else "float"
         # RL's relative update w and the gradient g from the correction c and the normalization:
         # 1 / H^T 1 in float32, or H^T 1 in units of 1 / VISIBLE_UNITS (compact_normalization)
+        seen = f"inv > {UNSEEN}" if inverse_type == "uint16" else "inv > 0"
         if inverse_type == "uint16":
             terms = (
-                f"float v = (float)inv * {1 / VISIBLE_UNITS:.10e}f; bool seen = inv > 0;"
+                f"float v = (float)inv * {1 / VISIBLE_UNITS:.10e}f; bool seen = {seen};"
                 " float w = seen ? c / v - 1.f : 0.f; double g = seen ? (double)c - (double)v : 0.0;"
             )
         else:
@@ -1112,14 +1133,14 @@ def _cupy_kernels(cupy: Any):
             f"{step_type} d, float32 length, {inverse_type} inv, float32 floor_value",
             "float32 x",
             f"float v = x + length * {load.format('d')}; v = v > floor_value ? v : floor_value;"
-            " x = inv > 0 ? v : 0.f",
+            f" x = {seen} ? v : 0.f",
             f"{name}_advance",
         )
         # what the advance's clip at the floor will add, and the step's size (before it runs)
         clip_sums = cupy.ReductionKernel(
             f"float32 x, {step_type} d, float32 length, {inverse_type} inv, float32 floor_value",
             "complex128 y",
-            f"{name}_clip(x, {load.format('d')}, length, inv > 0, floor_value)",
+            f"{name}_clip(x, {load.format('d')}, length, {seen}, floor_value)",
             "a + b",
             "y = a",
             "complex<double>(0, 0)",

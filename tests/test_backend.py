@@ -124,7 +124,9 @@ def test_conjugate_gradient_kernels_match_their_formulas(shape, step_type, norma
         inverse = inverse_values
         if normalization == "compact":  # H^T 1 in uint16 units
             inverse = be.compact_normalization(inverse_values)
-            inverse_values = np.where(inverse > 0, _backend.VISIBLE_UNITS / np.maximum(inverse, 1.0), 0)
+            inverse_values = np.where(
+                inverse > _backend.UNSEEN, _backend.VISIBLE_UNITS / inverse.astype(float), 0
+            )
     previous = f32(0.5) * 0.1
     if normalization is not None:  # RL's last update x w is 0 where the estimate is
         previous.reshape(-1)[::7] = 0
@@ -165,17 +167,42 @@ def test_conjugate_gradient_kernels_match_their_formulas(shape, step_type, norma
     np.testing.assert_array_equal(stage, stored)
 
 
-def test_compact_normalization_keeps_four_digits():
+def test_compact_normalization_keeps_h_transpose_one_to_half_a_unit():
     rng = np.random.default_rng(0)
-    normalization = (1 / rng.uniform(0.0201, 1, 3_000_000)).astype(np.float32)  # chunks
+    visible = rng.uniform(1e-3, 1, 3_000_000)  # H^T 1 down to the support's edge; slabs
+    visible[1::5] = 1  # inside the image: kept exactly
+    normalization = (1 / visible).astype(np.float32)
     normalization[::5] = 0  # unseen
-    normalization[1::5] = 1  # inside the image: kept exactly
     compact = get_backend(device="cpu").compact_normalization(normalization.reshape(3, -1)).ravel()
     assert compact.dtype == np.uint16 and compact.shape == normalization.shape
-    assert np.all((compact == 0) == (normalization == 0)) and np.all(compact[1::5] == _backend.VISIBLE_UNITS)
+    assert np.all((compact == _backend.UNSEEN) == (normalization == 0))  # never 0: finite quotients
+    assert np.all(compact[1::5] == _backend.VISIBLE_UNITS)
     seen = normalization > 0
-    visible = compact[seen] / _backend.VISIBLE_UNITS
-    assert np.abs(visible * normalization[seen] - 1).max() < 4e-4
+    stored = compact[seen] / _backend.VISIBLE_UNITS
+    exact = 1 / normalization[seen].astype(np.float64)
+    # half a unit of 1 / VISIBLE_UNITS: 0.8% at H^T 1 = 1e-3, 6e-5 at 1/8, 0 at 1
+    assert np.abs(stored - exact).max() <= 0.5 / _backend.VISIBLE_UNITS + 1e-7
+    assert np.abs(stored / exact - 1)[exact >= 0.125].max() < 6.2e-5
+    assert 4e-3 < np.abs(stored / exact - 1).max() < 8e-3
+    assert np.all(_backend.seen_by_data(compact) == seen)
+
+
+def test_floors_where_asked_and_bounded_constants():
+    from microdecon._backend import _CONSTANTS, _MAX_CONSTANTS, _at_least, _constant
+
+    rng = np.random.default_rng(4)
+    for shape in ((5, 40), (3, 400, 500)):  # one slab of constants, and a loop over several
+        values = rng.normal(size=shape).astype(np.float32)
+        where = rng.random(shape) > 0.3
+        out = np.full(shape, 7.0, np.float32)
+        _at_least(values, 0.25, out=out, where=where)
+        np.testing.assert_array_equal(out, np.where(where, np.maximum(values, 0.25), 7.0))
+        strided, out = values[:, ::2], np.full(values[:, ::2].shape, 7.0, np.float32)
+        _at_least(strided, 0.25, out=out, where=where[:, ::2])
+        np.testing.assert_array_equal(out, np.where(where[:, ::2], np.maximum(strided, 0.25), 7.0))
+    for value in np.linspace(1, 2, 3 * _MAX_CONSTANTS):  # conjugate-gradient floors depend on data
+        assert np.all(_constant(value) == np.float32(value))
+    assert len(_CONSTANTS) <= _MAX_CONSTANTS
 
 
 def test_model_ratio_and_combination_kernels():
@@ -409,13 +436,17 @@ def test_gpu_kernels_match_numpy(device):
     on_device = (cupy.asarray(a)[part] for a in (data, model, step))
     got = gpu.poisson_line(*on_device, offset_gpu, *args)
     np.testing.assert_allclose(got, expected, rtol=1e-4)
+    # the step is H d in the operator's grid: a strided view, which takes the ratio in place
+    grid = np.zeros(step.shape[:-1] + (step.shape[-1] + 3,), np.float32)
+    grid[..., 1:-2] = step
     cpu_model, gpu_model = model.copy(), cupy.asarray(model)
-    cpu_ratio, gpu_ratio = step.copy(), cupy.asarray(step)
+    cpu_grid, gpu_grid = grid.copy(), cupy.asarray(grid)
     scalars = (np.float32(0.1), np.float32(1e-6), 0.01)
-    cpu.cg_model_ratio(data, cpu_model, cpu_ratio, 0.3, *scalars)
-    gpu.cg_model_ratio(cupy.asarray(data), gpu_model, gpu_ratio, 0.3, *scalars)
+    cpu.cg_model_ratio(data, cpu_model, cpu_grid[..., 1:-2], 0.3, *scalars)
+    gpu.cg_model_ratio(cupy.asarray(data), gpu_model, gpu_grid[..., 1:-2], 0.3, *scalars)
     np.testing.assert_allclose(gpu_model.get(), cpu_model, rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(gpu_ratio.get(), cpu_ratio, rtol=1e-5)
+    np.testing.assert_allclose(gpu_grid.get(), cpu_grid, rtol=1e-5)
+    np.testing.assert_array_equal(cpu_grid[..., [0, -2, -1]], 0)  # only the view was written
     combined = cupy.asarray(step)
     gpu.combine(combined, 0.4, 1.0, cupy.asarray(model), cupy.asarray(data).astype(np.float32))
     np.testing.assert_allclose(combined.get(), 0.4 * step + model - data, rtol=1e-5, atol=1e-5)

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from .. import _validate
-from .._backend import Backend, get_backend, release_freed_memory, return_like
+from .._backend import Backend, get_backend, release_freed_memory, return_like, seen_by_data
 from .._tile_model import in_force, recorded, reused, shared, shared_step
 from ..operators import Boundary, Convolution
 from ._conjugate import ConjugateGradient
@@ -373,7 +373,7 @@ def first_estimate(solver: Any, op: Convolution, normalization: Any, flux_name: 
     if op.object_shape != op.image_shape:  # "non-circulant": the margin
         op.fill_outside_image(x, flux)
     if normalization is not None:  # zero exactly where the data say nothing
-        x *= normalization > 0
+        x *= seen_by_data(normalization)
     return x
 
 
