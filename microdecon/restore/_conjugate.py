@@ -167,7 +167,6 @@ class ConjugateGradient:
                 beta = max(0.0, (own - cross) / self.norm)  # Polak–Ribière, restarted when negative
                 if beta > MAX_BETA:  # the last gradient vanished (converged): a fresh start
                     beta = 0.0
-
             blurred = self.blur_direction(beta)
             length, ascends = self.step_length(blurred)
             if beta and not ascends:  # a fresh start from RL's update (two more FFTs; rare:
