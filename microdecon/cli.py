@@ -1113,8 +1113,8 @@ def _add_method_flags(parser: argparse.ArgumentParser) -> None:
         "--accelerate",
         choices=list(ACCELERATE_FLAGS),
         default=None,
-        help="rl / rl-tv: biggs-andrews (the default), conjugate-gradient (fewer iterations, two more "
-        "image-sized buffers; not with --tv) or none (plain RL)",
+        help="rl / rl-tv: biggs-andrews (the default), conjugate-gradient (fewer iterations, about "
+        "the same memory; not with --tv) or none (plain RL)",
     )
     parser.add_argument(
         "--balance", type=float, default=None, help="wiener/tikhonov weight (default: chosen from the data)"

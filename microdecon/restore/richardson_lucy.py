@@ -151,9 +151,10 @@ def richardson_lucy(
         size of the estimate. "conjugate-gradient" ascends the Poisson likelihood along
         conjugate directions, with RL's update as the preconditioned gradient and an exact line
         search (see :mod:`microdecon.restore._conjugate`): fewer iterations still (plain RL's
-        best of 50 in 6-10, against 15-18), each 1.3x as dear on the CPU, for two more
-        image-sized buffers; its quality falls faster past the best count, which "auto" finds
-        less closely. Not with ``tv > 0``. False runs plain RL.
+        best of 50 in 6-10, against 15-18), each 1.2-1.3x as dear on the CPU, in about the same
+        memory (two half-precision buffers the size of the estimate and an image-sized model,
+        with the normalization kept in 16 bits); its quality falls faster past the best count,
+        which "auto" finds less closely. Not with ``tv > 0``. False runs plain RL.
     tv : float, 0 to 0.05
         Weight of total-variation regularization (dimensionless: the image's scale does not
         change its effect). 0 is plain RL; 0.001-0.01 suppresses the noise that RL amplifies at
