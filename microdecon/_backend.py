@@ -458,8 +458,9 @@ def from_bfloat16(bits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray
 
 
 #: A compact normalization (the kernel ``compact_normalization``) holds ``H^T 1`` in these units,
-#: and UNSEEN where the data see too little of a voxel: a seen voxel's ``H^T 1`` is over 0.02, so
-#: at least 1311. Not 0: its quotients stay finite, and meet the estimate's 0 there without a test.
+#: and UNSEEN where the data see too little of a voxel: a seen voxel's ``H^T 1`` is over 1e-3 (RL's
+#: MIN_VISIBLE_FRACTION), so at least 66. Not 0: its quotients stay finite, and meet the
+#: estimate's 0 there without a test.
 VISIBLE_UNITS = 65535
 UNSEEN = 1
 
