@@ -758,15 +758,16 @@ def _numpy_kernels(slabs: _Slabs):
         slabs.map(slab, update)
         return stage
 
-    def poisson_line(image, model, step, background, floor, image_scale, length, with_bound, clip_image=True):
-        """Sums for a Newton step on the Poisson log-likelihood along ``model + t step``.
+    def poisson_line(image, model, step, background, floor, image_scale, length, first_pass, clip_image=True):
+        """Sums for Newton's and Halley's steps on the Poisson log-likelihood along
+        ``model + t step``.
 
         With ``y = max(image * image_scale, 0)``, ``m = max(model + background, floor)`` and
         ``q = max(m + length * step, floor)``: ``sum(y step / q)``, ``sum(y (step / q)^2)``, and,
-        ``with_bound`` (they do not depend on ``length``: the first pass asks), ``sum(step)`` and
-        the largest ``t`` that keeps ``m + t step`` positive (``min(m / -step)`` where
-        ``step < 0``; inf if none; without ``with_bound`` 0 and inf). Views may be strided.
-        ``clip_image`` False skips the max with 0 for data known to be non-negative.
+        on the ``first_pass``, ``sum(y (step / q)^3)``, ``sum(step)`` and the largest ``t`` that
+        keeps ``m + t step`` positive (``min(m / -step)`` where ``step < 0``; inf if none); on
+        the others 0, 0 and inf. Views may be strided. ``clip_image`` False skips the max with 0
+        for data known to be non-negative.
         """
         per_voxel = isinstance(background, np.ndarray) and background.ndim
         if per_voxel:
@@ -782,8 +783,8 @@ def _numpy_kernels(slabs: _Slabs):
                     m += np.multiply(h, length)  # its temporary goes before the data's is made
                     _at_least(m, floor, out=m)
                 np.divide(h, m, out=m)
-                bound, total = math.inf, 0.0
-                if with_bound:  # (m + t h) / m = 1 + t h / m: positive for t < -1 / min(h / m)
+                bound, total, third = math.inf, 0.0, 0.0
+                if first_pass:  # (m + t h) / m = 1 + t h / m: positive for t < -1 / min(h / m)
                     steepest = float(m.min()) if m.size else 0.0
                     bound = -1.0 / steepest if steepest < 0 else math.inf
                     total = _total(h)
@@ -799,17 +800,15 @@ def _numpy_kernels(slabs: _Slabs):
                     _at_least(data, 0, out=data)
                 data = np.ascontiguousarray(data, dtype=np.float32)
                 first = float(np.dot(data.ravel(), m.ravel())) * scale
-                m *= m
-                second = float(np.dot(data.ravel(), m.ravel())) * scale
-                return first, second, total, bound
+                power = np.multiply(m, m) if first_pass else np.multiply(m, m, out=m)
+                second = float(np.dot(data.ravel(), power.ravel())) * scale
+                if first_pass:
+                    power *= m
+                    third = float(np.dot(data.ravel(), power.ravel())) * scale
+                return first, second, third, total, bound
 
         parts = slabs.map(slab, model)
-        return (
-            math.fsum(p[0] for p in parts),
-            math.fsum(p[1] for p in parts),
-            math.fsum(p[2] for p in parts),
-            min(p[3] for p in parts),
-        )
+        return (*(math.fsum(p[k] for p in parts) for k in range(4)), min(p[4] for p in parts))
 
     def cg_advance(estimate, direction, length, normalization, floor, measure=True):
         """``x <- max(x + length d, floor)`` (``d`` as :func:`cg_direction` stored it), and 0
@@ -1183,8 +1182,26 @@ def _cupy_kernels(cupy: Any):
         }
         """,
     )
-    line_sum = cupy.ReductionKernel(
-        "T step", "float64 y", "(double)step", "a + b", "y = a", "0", "microdecon_line_sum"
+    # the first pass's other sums, sum(y (step / q)^3) and sum(step), as one complex sum
+    line_opening = cupy.ReductionKernel(
+        "I image, T model, T step, T background, T floor_value, T image_scale, T length",
+        "complex128 y",
+        "microdecon_line_opening(image, model, step, background, floor_value, image_scale, length)",
+        "a + b",
+        "y = a",
+        "complex<double>(0, 0)",
+        "microdecon_poisson_line_opening",
+        preamble="""
+        template <typename I, typename T>
+        __device__ complex<double> microdecon_line_opening(I image, T model, T step, T background,
+                                                            T floor_value, T image_scale, T length) {
+            T y = (T)image * image_scale; y = y > (T)0 ? y : (T)0;
+            T m = model + background; m = m > floor_value ? m : floor_value;
+            T q = m + length * step; q = q > floor_value ? q : floor_value;
+            double t = (double)step / (double)q;
+            return complex<double>((double)y * t * t * t, (double)step);
+        }
+        """,
     )
     line_bound = cupy.ReductionKernel(
         "T model, T step, T background, T floor_value",
@@ -1285,21 +1302,22 @@ def _cupy_kernels(cupy: Any):
         make(update, cupy.float32(beta), bool(fresh), direction, stage)
         return stage
 
-    def poisson_line(image, model, step, background, floor, image_scale, length, with_bound, clip_image=True):
+    def poisson_line(image, model, step, background, floor, image_scale, length, first_pass, clip_image=True):
         floor, scale = cupy.float32(floor), cupy.float32(image_scale)
         args = (image, model, step, background, floor, scale, cupy.float32(length))
         terms = _sum_by_rows(line_terms, *args, to_host=False)
         values = [terms.real, terms.imag]
-        if with_bound:
-            values.append(_sum_by_rows(line_sum, step, to_host=False))
+        if first_pass:
+            opening = _sum_by_rows(line_opening, *args, to_host=False)
+            values += [opening.real, opening.imag]
             values.append(
                 _sum_by_rows(line_bound, model, step, background, floor, combine="min", to_host=False)
             )
         first, second, *rest = (float(v) for v in cupy.stack(values).get())  # one wait
         if not rest:
-            return first, second, 0.0, math.inf
-        total, bound = rest
-        return first, second, total, math.inf if bound >= 1e299 else bound
+            return first, second, 0.0, 0.0, math.inf
+        third, total, bound = rest
+        return first, second, third, total, math.inf if bound >= 1e299 else bound
 
     def cg_advance(estimate, direction, length, normalization, floor, measure=True):
         inverse = _inverse(normalization)

@@ -72,8 +72,17 @@ MAX_BETA = 10.0
 DOMAIN_MARGIN = 0.9
 
 #: Newton steps on the likelihood along the direction (from the current point: the first is the
-#: quadratic model's maximum). Two were as good as three in every case measured.
+#: quadratic model's maximum). Two were as good as three in every case measured; one, alone,
+#: cost the benchmark problem 3 iterations more.
 NEWTON_STEPS = 2
+
+#: The first pass over the data also gives the likelihood's third derivative along the line, and
+#: with it Halley's step (cubically convergent). Where that lands within this fraction of the
+#: first Newton step, it is taken, and the second pass is spared: 88% of the line searches on the
+#: benchmark problem and the 8 phantom cases, each reaching plain RL's best after as many
+#: iterations as with two Newton steps. Halley's step alone, always taken, cost two phantom cases
+#: 1-2 iterations.
+HALLEY_AGREEMENT = 0.1
 
 #: New estimate values are floored at this fraction of the first estimate's mean: an EM-scaled
 #: gradient is zero where the estimate is, so a voxel clipped to zero could never come back.
@@ -211,11 +220,13 @@ class ConjugateGradient:
     def step_length(self, blurred: Any) -> tuple[float, bool]:
         """Newton's method on the Poisson log-likelihood along ``H x + t H d`` (``blurred`` is
         ``H d``), from 0 (over the kept voxels only while :meth:`_RichardsonLucy.count_by_holdout`
-        counts). Returns the step and whether the direction ascends at all (the likelihood's
-        slope at 0 is positive)."""
+        counts); Halley's step from the first pass's sums where it agrees with Newton's (see
+        HALLEY_AGREEMENT). Returns the step and whether the direction ascends at all (the
+        likelihood's slope at 0 is positive)."""
         solver = self.solver
         parts = [...] if solver.holdout is None else solver.holdout.kept
-        length, top, total = 0.0, MAX_STEP, 0.0
+        length, top = 0.0, MAX_STEP
+        total = third = 0.0  # sum(H d), the same at every step length; half the third derivative
         for step in range(NEWTON_STEPS):
             first = second = 0.0
             bound = math.inf
@@ -231,9 +242,8 @@ class ConjugateGradient:
                     step == 0,
                     solver.image_has_negatives,
                 )
-                first, second, bound = first + sums[0], second + sums[1], min(bound, sums[3])
-                if step == 0:  # sum(H d): the same at every step length
-                    total += sums[2]
+                first, second, bound = first + sums[0], second + sums[1], min(bound, sums[4])
+                third, total = third + sums[2], total + sums[3]
             slope = first - total
             if step == 0:
                 top = min(MAX_STEP, DOMAIN_MARGIN * bound)
@@ -241,5 +251,13 @@ class ConjugateGradient:
             if not (math.isfinite(slope) and math.isfinite(second) and second > 0):
                 # RL's own point (within the domain), or the last good step
                 return (min(1.0, max(top, MIN_STEP)) if step == 0 else length), ascends
-            length = min(max(length + slope / second, MIN_STEP), max(top, MIN_STEP))
+            newton = slope / second
+            if step == 0:
+                # the slope's root by Halley's method, with the likelihood's derivatives along the
+                # line: slope, -second and 2 third
+                denominator = 2 * second * second - 2 * slope * third
+                halley = 2 * slope * second / denominator if denominator > 0 else math.nan
+                if math.isfinite(halley) and abs(halley - newton) <= HALLEY_AGREEMENT * abs(newton):
+                    return min(max(halley, MIN_STEP), max(top, MIN_STEP)), ascends
+            length = min(max(length + newton, MIN_STEP), max(top, MIN_STEP))
         return length, ascends
