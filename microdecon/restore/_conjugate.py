@@ -4,7 +4,8 @@ RL is EM for Poisson data, and its update ``x (H^T (y / (H x + b)) / H^T 1 - 1)`
 log-likelihood's gradient scaled by ``x / H^T 1``. Used as the preconditioned gradient of a
 nonlinear conjugate-gradient ascent (as Kaufman 1987 did for emission tomography), it is
 combined with the last search direction by the Polak–Ribière weight, and the step along that
-direction is found by Newton's method on the exact likelihood.
+direction is found by Newton's method on the exact likelihood (or by Halley's, from one pass over
+the data, where the two agree).
 
 Why it is fast: the blur is linear, so the model ``H (x + t d) = H x + t H d`` costs no
 transform for any ``t``. The iteration blurs the direction ``d`` where plain RL blurs its new
