@@ -1162,10 +1162,12 @@ def _cupy_kernels(cupy: Any):
         for step in (np.uint16, np.float32)
         for inverse in (np.uint16, np.float32)
     }
+    # at t = length: sum(y t) and sum(y t^2), with t = step / q; the ``opening`` (first) pass
+    # also asks for sum(y t^3) and sum(step). One complex sum each (see dot_and_square)
     line_terms = cupy.ReductionKernel(
-        "I image, T model, T step, T background, T floor_value, T image_scale, T length",
+        "I image, T model, T step, T background, T floor_value, T image_scale, T length, bool opening",
         "complex128 y",
-        "microdecon_line_terms(image, model, step, background, floor_value, image_scale, length)",
+        "microdecon_line_terms(image, model, step, background, floor_value, image_scale, length, opening)",
         "a + b",
         "y = a",
         "complex<double>(0, 0)",
@@ -1173,33 +1175,14 @@ def _cupy_kernels(cupy: Any):
         preamble="""
         template <typename I, typename T>
         __device__ complex<double> microdecon_line_terms(I image, T model, T step, T background,
-                                                          T floor_value, T image_scale, T length) {
+                                                          T floor_value, T image_scale, T length,
+                                                          bool opening) {
             T y = (T)image * image_scale; y = y > (T)0 ? y : (T)0;
             T m = model + background; m = m > floor_value ? m : floor_value;
             T q = m + length * step; q = q > floor_value ? q : floor_value;
             double t = (double)step / (double)q;
+            if (opening) return complex<double>((double)y * t * t * t, (double)step);
             return complex<double>((double)y * t, (double)y * t * t);
-        }
-        """,
-    )
-    # the first pass's other sums, sum(y (step / q)^3) and sum(step), as one complex sum
-    line_opening = cupy.ReductionKernel(
-        "I image, T model, T step, T background, T floor_value, T image_scale, T length",
-        "complex128 y",
-        "microdecon_line_opening(image, model, step, background, floor_value, image_scale, length)",
-        "a + b",
-        "y = a",
-        "complex<double>(0, 0)",
-        "microdecon_poisson_line_opening",
-        preamble="""
-        template <typename I, typename T>
-        __device__ complex<double> microdecon_line_opening(I image, T model, T step, T background,
-                                                            T floor_value, T image_scale, T length) {
-            T y = (T)image * image_scale; y = y > (T)0 ? y : (T)0;
-            T m = model + background; m = m > floor_value ? m : floor_value;
-            T q = m + length * step; q = q > floor_value ? q : floor_value;
-            double t = (double)step / (double)q;
-            return complex<double>((double)y * t * t * t, (double)step);
         }
         """,
     )
@@ -1305,10 +1288,10 @@ def _cupy_kernels(cupy: Any):
     def poisson_line(image, model, step, background, floor, image_scale, length, first_pass, clip_image=True):
         floor, scale = cupy.float32(floor), cupy.float32(image_scale)
         args = (image, model, step, background, floor, scale, cupy.float32(length))
-        terms = _sum_by_rows(line_terms, *args, to_host=False)
+        terms = _sum_by_rows(line_terms, *args, False, to_host=False)
         values = [terms.real, terms.imag]
         if first_pass:
-            opening = _sum_by_rows(line_opening, *args, to_host=False)
+            opening = _sum_by_rows(line_terms, *args, True, to_host=False)
             values += [opening.real, opening.imag]
             values.append(
                 _sum_by_rows(line_bound, model, step, background, floor, combine="min", to_host=False)
