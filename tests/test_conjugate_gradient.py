@@ -86,11 +86,13 @@ def test_1d_and_2d(device):
     signal[[40, 46, 120]] = [50, 80, 60]
     psf = md.psf.gaussian(21, 3.0)
     blurred = md.convolve(signal, psf, device="cpu") + 1
-    # the peaks part, and each keeps its light (measured: the dip between them at 0.31 of the
-    # lower peak after 20 iterations, 0.22 after 30; their light 130.8 and 60.3 after 20)
+    # the peaks part, and each keeps its light (measured: the dip between them at 0.33 of the
+    # lower peak after 20 iterations, 0.23 after 30; their light 129.9 and 61.1 after 20, 130.4
+    # and 60.4 after 30)
     restored = to_numpy(md.richardson_lucy(blurred, psf, 20, accelerate=CG, background=1.0, device=device))
-    assert abs(restored[30:60].sum() - 130) < 2 and abs(restored[110:130].sum() - 60) < 1
+    assert abs(restored[30:60].sum() - 130) < 2 and abs(restored[110:130].sum() - 60) < 1.5
     restored = to_numpy(md.richardson_lucy(blurred, psf, 30, accelerate=CG, background=1.0, device=device))
+    assert abs(restored[30:60].sum() - 130) < 1 and abs(restored[110:130].sum() - 60) < 1
     assert restored[41:46].min() < 0.3 * min(restored[38:43].max(), restored[44:49].max())
     truth = md.data.phantom((64, 64), seed=4)
     psf2 = md.psf.gaussian((15, 15), 2.0)
@@ -138,6 +140,41 @@ def test_the_model_carried_by_linearity_stays_that_of_the_estimate(problem, boun
     monkeypatch.setattr(conjugate_module.ConjugateGradient, "iterate", spy)
     md.richardson_lucy(image, psf, 25, accelerate=CG, background=10.0, device="cpu")
     assert len(errors) >= 15 and max(errors) < bound
+
+
+@pytest.mark.parametrize("problem", ["cell", "dim"])
+def test_a_restart_makes_the_model_anew_only_after_clips(problem, cell, monkeypatch):
+    # the model is made anew after a clip past CLIP_REFRESH of the step, and at a restart after
+    # clips past RESTART_CLIP of it since it was last made: not at every restart
+    from .test_richardson_lucy import _photon_problem
+
+    image, psf = (cell[2], cell[1]) if problem == "cell" else _photon_problem(15)[:2]
+    backend = get_backend(device="cpu")
+    sums, remade = [], []
+    advance, iterate = backend.cg_advance, conjugate_module.ConjugateGradient.iterate
+
+    def measured(*args, **kwargs):
+        sums.append(advance(*args, **kwargs))
+        return sums[-1]
+
+    def spy(self, iteration, *args):
+        iterate(self, iteration, *args)
+        remade.append(self.pending is None)
+
+    monkeypatch.setattr(backend, "cg_advance", measured)
+    monkeypatch.setattr(conjugate_module.ConjugateGradient, "iterate", spy)
+    md.richardson_lucy(image, psf, 24, accelerate=CG, background=10.0, device="cpu")
+    expected, since, restarts = [], 0.0, {True: 0, False: 0}
+    for iteration, ((clipped, stepped), was_remade) in enumerate(zip(sums[:-1], remade), start=1):
+        since += clipped
+        if iteration % conjugate_module.REFRESH == 0:
+            expected.append(since > conjugate_module.RESTART_CLIP * stepped)
+            restarts[was_remade] += 1
+        else:
+            expected.append(clipped > conjugate_module.CLIP_REFRESH * stepped)
+        since = 0.0 if expected[-1] else since
+    assert remade[:-1] == expected and len(expected) == 23
+    assert restarts[False] >= 2  # restarts that kept the carried model
 
 
 @pytest.mark.parametrize("boundary", ["non-circulant", "periodic", "reflect"])
