@@ -255,14 +255,14 @@ class Convolution:
         kernel = _wrapped_kernel(psf_host, self.fft_shape, self.backend)
         spectrum = self.plan.forward(kernel)
         del kernel
-        # keep the spectrum as the OTF, unless the plan will overwrite it
-        otf = xp.array(spectrum, copy=True) if self.plan.reuses_buffers else spectrum
-        otf *= np.float32(self.fft_scale)
-        del spectrum
+        scale = np.float32(self.fft_scale)
         if _is_point_symmetric(psf_host):
             # A PSF symmetric about its centre has a real OTF: keep half the memory, and the
-            # adjoint's conjugation is free.
-            otf = xp.ascontiguousarray(otf.real)
+            # adjoint's conjugation is free. Scaled as it is copied out of the spectrum: one pass.
+            return xp.multiply(spectrum.real, scale)
+        # keep the spectrum as the OTF, unless the plan will overwrite it
+        otf = xp.array(spectrum, copy=True) if self.plan.reuses_buffers else spectrum
+        otf *= scale
         return otf
 
     # ---- buffers ----------------------------------------------------------------------------

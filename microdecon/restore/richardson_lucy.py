@@ -407,8 +407,12 @@ def normalization_of(op: Convolution):
     elsewhere; None where ``H^T 1 == 1`` (periodic, or reflect with a symmetric PSF). Made in
     place: no grid-sized temporaries."""
     xp = op.backend.xp
+    if op.boundary == "periodic" or (op.boundary == "non-circulant" and op.object_shape == op.image_shape):
+        return None  # every voxel's light falls on the image: H^T 1 is the PSF's sum, 1
     visible = op.adjoint_of_ones()
-    if float(visible.max()) - 1 < 1e-5 and 1 - float(visible.min()) < 1e-5:
+    # "non-circulant" has a margin, which the image sees only in part; "reflect" folds the
+    # light back, all of it for a PSF symmetric about its centre
+    if op.boundary == "reflect" and float(visible.max()) - 1 < 1e-5 and 1 - float(visible.min()) < 1e-5:
         return None
     support = visible > MIN_VISIBLE_FRACTION
     xp.maximum(visible, MIN_VISIBLE_FRACTION, out=visible)
