@@ -44,6 +44,34 @@ def test_adjoint_dot_product(backend, boundary, shape, psf_shape):
     assert abs(lhs - rhs) <= 1e-6 * abs(lhs)
 
 
+@pytest.mark.parametrize("backend", cpu_backends(), ids=lambda b: b.fft_library)
+@pytest.mark.parametrize("boundary", BOUNDARIES)
+@pytest.mark.parametrize("shape,psf_shape", CASES)
+def test_adjoint_of_ones_is_the_adjoint_of_an_image_of_ones(backend, boundary, shape, psf_shape):
+    # H^T 1 is made from the window's spectrum as an outer product, not by transforming ones
+    psf = np.random.default_rng(7).random(psf_shape) + 0.1
+    op = Convolution(psf, shape, boundary=boundary, backend=backend)
+    visible = np.array(op.adjoint_of_ones())
+    transposed = np.array(op.adjoint(np.ones(shape, np.float32)))
+    np.testing.assert_allclose(visible, transposed, rtol=0, atol=2e-6)
+    # and the operator still works after it
+    x = np.random.default_rng(8).random(op.object_shape).astype(np.float32)
+    fresh = Convolution(psf, shape, boundary=boundary)
+    np.testing.assert_allclose(op.forward(x), fresh.forward(x), atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_adjoint_of_ones_on_the_gpu_equals_the_cpus():
+    if not _backend.gpu_available():
+        pytest.skip("needs CuPy and a CUDA GPU")
+    psf = np.random.default_rng(7).random((5, 6, 7)) + 0.1
+    gpu = _backend.get_backend(device="gpu")
+    for boundary in BOUNDARIES:
+        expected = Convolution(psf, (9, 16, 15), boundary=boundary).adjoint_of_ones()
+        visible = Convolution(psf, (9, 16, 15), boundary=boundary, backend=gpu).adjoint_of_ones()
+        np.testing.assert_allclose(visible.get(), expected, atol=2e-6)
+
+
 @pytest.mark.parametrize("boundary", BOUNDARIES)
 @pytest.mark.parametrize("shape,psf_shape", CASES[:5])
 def test_public_convolve_pair_is_exactly_adjoint(device, boundary, shape, psf_shape):
