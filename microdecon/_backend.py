@@ -384,7 +384,7 @@ KERNEL_NAMES = (
     "multiply_spectrum",
     "copy",
     "i_divergence",
-    "compact_normalization",
+    "compact_visibility",
     "cg_gradient",
     "cg_direction",
     "poisson_line",
@@ -457,7 +457,7 @@ def from_bfloat16(bits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray
     return out
 
 
-#: A compact normalization (the kernel ``compact_normalization``) holds ``H^T 1`` in these units,
+#: A compact normalization (the kernel ``compact_visibility``) holds ``H^T 1`` in these units,
 #: and UNSEEN where the data see too little of a voxel: a seen voxel's ``H^T 1`` is over 1e-3 (RL's
 #: MIN_VISIBLE_FRACTION), so at least 66. Not 0: its quotients stay finite, and meet the
 #: estimate's 0 there without a test.
@@ -467,7 +467,7 @@ UNSEEN = 1
 
 def seen_by_data(normalization: Any) -> Any:
     """Where RL's normalization says the data see a voxel (NumPy or CuPy, a boolean array): a
-    float32 ``1 / H^T 1`` over 0, or a compact one (``compact_normalization``) over UNSEEN.
+    float32 ``1 / H^T 1`` over 0, or a compact one (``compact_visibility``) over UNSEEN.
 
     Examples
     --------
@@ -676,29 +676,29 @@ def _numpy_kernels(slabs: _Slabs):
         parts = slabs.map(slab, current)
         return sum(p[0] for p in parts), sum(p[1] for p in parts)
 
-    def compact_normalization(normalization):
-        """RL's normalization ``1 / H^T 1`` (float32; 0 where the data see too little of a
-        voxel) as uint16: ``H^T 1`` in units of ``1 / VISIBLE_UNITS``, UNSEEN where it is 0 (a
-        new array).
+    def compact_visibility(visible, least):
+        """``H^T 1`` (float32, ``visible``) as RL's compact normalization (uint16): in units of
+        ``1 / VISIBLE_UNITS``, UNSEEN where it is at most ``least`` (the data see too little of
+        the voxel, and RL's normalization is 0 there). A new array.
 
-        Half the memory of float32, for a relative error in ``H^T 1`` of at most
-        ``0.5 / (VISIBLE_UNITS H^T 1)``: none where it is 1, 6e-5 at 1/8, 0.8% at the support's
-        edge (MIN_VISIBLE_FRACTION, 1e-3); bfloat16 would be off by up to 0.4% everywhere.
-        ``H^T 1`` must be at most 1 (as for "non-circulant"): larger values are stored as 1. The
-        conjugate-gradient kernels take either form.
+        Half the memory of RL's float32 ``1 / H^T 1``, for a relative error in ``H^T 1`` of at
+        most ``0.5 / (VISIBLE_UNITS H^T 1)``: none where it is 1, 6e-5 at 1/8, 0.8% at the
+        support's edge (RL's MIN_VISIBLE_FRACTION, 1e-3); bfloat16 would be off by up to 0.4%
+        everywhere. ``H^T 1`` must be at most 1 (as for "non-circulant"): larger values are
+        stored as 1. The conjugate-gradient kernels take either form.
         """
-        out = np.empty(normalization.shape, np.uint16)
+        out = np.empty(visible.shape, np.uint16)
+        least = np.float32(least)
 
         def slab(s):
-            part = normalization[s]
-            with np.errstate(divide="ignore"):
-                visible = np.divide(np.float32(VISIBLE_UNITS), part)  # inf where unseen
-            np.rint(visible, out=visible)
-            np.minimum(visible, np.float32(VISIBLE_UNITS), out=visible)
-            np.copyto(visible, np.float32(UNSEEN), where=~(part > 0))
-            out[s] = visible
+            part = visible[s]
+            units = np.multiply(part, np.float32(VISIBLE_UNITS))
+            np.rint(units, out=units)
+            np.minimum(units, np.float32(VISIBLE_UNITS), out=units)
+            np.copyto(units, np.float32(UNSEEN), where=~(part > least))
+            out[s] = units
 
-        slabs.map(slab, normalization)
+        slabs.map(slab, visible)
         return out
 
     def cg_gradient(correction, estimate, normalization, update, has_prev):
@@ -706,7 +706,7 @@ def _numpy_kernels(slabs: _Slabs):
         by, in one pass.
 
         With ``w = c / H^T 1 - 1`` (``normalization``: ``1 / H^T 1`` in float32, or
-        ``compact_normalization``'s uint16, or None for ``H^T 1 = 1``), RL's update is
+        ``compact_visibility``'s uint16, or None for ``H^T 1 = 1``), RL's update is
         ``u = x w`` and the log-likelihood's gradient ``grad = H^T 1 w = c - H^T 1``. Returns
         ``<grad, u>`` and ``<grad, update>`` (the last update, read before ``u`` replaces it:
         bfloat16 bits or float32; 0 unless ``has_prev``). Where the normalization is 0 the
@@ -719,7 +719,7 @@ def _numpy_kernels(slabs: _Slabs):
             if normalization is None:
                 w = np.subtract(c, np.float32(1))
                 gradient = w.copy()
-            elif compact:  # see compact_normalization: H^T 1, for now; never 0
+            elif compact:  # see compact_visibility: H^T 1, for now; never 0
                 gradient = np.multiply(normalization[s], np.float32(1 / VISIBLE_UNITS), dtype=np.float32)
                 w = np.divide(c, gradient)
                 w -= np.float32(1)
@@ -1071,22 +1071,22 @@ def _cupy_kernels(cupy: Any):
     }
 
     compact = cupy.ElementwiseKernel(
-        "float32 inv",
-        "uint16 visible",
-        f"visible = inv > 0.f ? (unsigned short)fminf(rintf({VISIBLE_UNITS}.f / inv), {VISIBLE_UNITS}.f)"
-        f" : {UNSEEN}",
-        "microdecon_compact_normalization",
+        "float32 visible, float32 least",
+        "uint16 units",
+        f"units = visible > least"
+        f" ? (unsigned short)fminf(rintf(visible * {VISIBLE_UNITS}.f), {VISIBLE_UNITS}.f) : {UNSEEN}",
+        "microdecon_compact_visibility",
     )
 
     def cg_kernels(step_type: str, inverse_type: str):
         """Conjugate-gradient RL's kernels for step buffers (RL's update, the direction) of
         ``step_type`` ("uint16": bfloat16 bits, as above; or "float32") and a normalization of
-        ``inverse_type`` ("float32": ``1 / H^T 1``; "uint16": ``compact_normalization``'s)."""
+        ``inverse_type`` ("float32": ``1 / H^T 1``; "uint16": ``compact_visibility``'s)."""
         load, keep = _bfloat16_code(step_type)
         name = f"microdecon_cg_{step_type}_{inverse_type}"
         c_inverse = "unsigned short" if inverse_type == "uint16" else "float"
         # RL's relative update w and the gradient g from the correction c and the normalization:
-        # 1 / H^T 1 in float32, or H^T 1 in units of 1 / VISIBLE_UNITS (compact_normalization)
+        # 1 / H^T 1 in float32, or H^T 1 in units of 1 / VISIBLE_UNITS (compact_visibility)
         seen = f"inv > {UNSEEN}" if inverse_type == "uint16" else "inv > 0"
         if inverse_type == "uint16":
             terms = (
@@ -1270,8 +1270,8 @@ def _cupy_kernels(cupy: Any):
     def _inverse(normalization):
         return normalization if normalization is not None else cupy.float32(1)
 
-    def compact_normalization(normalization):
-        return compact(normalization)
+    def compact_visibility(visible, least):
+        return compact(visible, cupy.float32(least))
 
     def cg_gradient(correction, estimate, normalization, update, has_prev):
         inverse = _inverse(normalization)

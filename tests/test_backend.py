@@ -123,7 +123,9 @@ def test_conjugate_gradient_kernels_match_their_formulas(shape, step_type, norma
         estimate.reshape(-1)[::7] = 0
         inverse = inverse_values
         if normalization == "compact":  # H^T 1 in uint16 units
-            inverse = be.compact_normalization(inverse_values)
+            visible = np.zeros_like(inverse_values)
+            np.divide(1, inverse_values, out=visible, where=inverse_values > 0)
+            inverse = be.compact_visibility(visible, 1e-3)
             inverse_values = np.where(
                 inverse > _backend.UNSEEN, _backend.VISIBLE_UNITS / inverse.astype(float), 0
             )
@@ -167,24 +169,26 @@ def test_conjugate_gradient_kernels_match_their_formulas(shape, step_type, norma
     np.testing.assert_array_equal(stage, stored)
 
 
-def test_compact_normalization_keeps_h_transpose_one_to_half_a_unit():
+def test_compact_visibility_keeps_h_transpose_one_to_half_a_unit():
     rng = np.random.default_rng(0)
     visible = rng.uniform(1e-3, 1, 3_000_000)  # H^T 1 down to the support's edge; slabs
     visible[1::5] = 1  # inside the image: kept exactly
-    normalization = (1 / visible).astype(np.float32)
-    normalization[::5] = 0  # unseen
-    compact = get_backend(device="cpu").compact_normalization(normalization.reshape(3, -1)).ravel()
-    assert compact.dtype == np.uint16 and compact.shape == normalization.shape
-    assert np.all((compact == _backend.UNSEEN) == (normalization == 0))  # never 0: finite quotients
+    visible[::5] = rng.uniform(0, 1e-3, visible[::5].size)  # unseen: the data see too little
+    visible = visible.astype(np.float32)
+    compact = get_backend(device="cpu").compact_visibility(visible.reshape(3, -1), 1e-3).ravel()
+    assert compact.dtype == np.uint16 and compact.shape == visible.shape
+    seen = visible > np.float32(1e-3)
+    assert np.all((compact == _backend.UNSEEN) == ~seen)  # never 0: finite quotients
     assert np.all(compact[1::5] == _backend.VISIBLE_UNITS)
-    seen = normalization > 0
     stored = compact[seen] / _backend.VISIBLE_UNITS
-    exact = 1 / normalization[seen].astype(np.float64)
+    exact = visible[seen].astype(np.float64)
     # half a unit of 1 / VISIBLE_UNITS: 0.8% at H^T 1 = 1e-3, 6e-5 at 1/8, 0 at 1
     assert np.abs(stored - exact).max() <= 0.5 / _backend.VISIBLE_UNITS + 1e-7
     assert np.abs(stored / exact - 1)[exact >= 0.125].max() < 6.2e-5
     assert 4e-3 < np.abs(stored / exact - 1).max() < 8e-3
     assert np.all(_backend.seen_by_data(compact) == seen)
+    # H^T 1 over 1 ("reflect" with an asymmetric PSF) cannot be kept: it is stored as 1
+    assert get_backend(device="cpu").compact_visibility(np.float32([1.5]), 1e-3)[0] == _backend.VISIBLE_UNITS
 
 
 def test_floors_where_asked_and_bounded_constants():
@@ -387,8 +391,9 @@ def test_gpu_kernels_match_numpy(device):
     gpu_update, cpu_update = _backend.from_bfloat16(gpu_bits.get()), _backend.from_bfloat16(cpu_bits)
     np.testing.assert_allclose(gpu_update, cpu_update, rtol=2**-6, atol=1e-6)
     # the compact normalization (H^T 1 in 16 bits), made on each, then used by each
-    compact = cpu.compact_normalization(inverse)
-    np.testing.assert_array_equal(gpu.compact_normalization(cupy.asarray(inverse)).get(), compact)
+    visible = np.divide(1, inverse, out=np.zeros_like(inverse), where=inverse > 0)
+    compact = cpu.compact_visibility(visible, 1e-3)
+    np.testing.assert_array_equal(gpu.compact_visibility(cupy.asarray(visible), 1e-3).get(), compact)
     cpu_bits, gpu_bits = bits.copy(), cupy.asarray(bits)
     expected = cpu.cg_gradient(correction, estimate, compact, cpu_bits, True)
     got = gpu.cg_gradient(on_gpu[0], on_gpu[1], cupy.asarray(compact), gpu_bits, True)

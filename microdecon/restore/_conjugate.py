@@ -18,7 +18,7 @@ voxel at 0 could never move again.
 
 Memory: beyond plain RL's estimate, normalization, OTF and FFT buffer, it keeps the direction
 and RL's last update (bfloat16: half a float32 array each), the model (image-sized float32),
-and keeps the normalization in 16 bits (see ``compact_normalization``): 9.1x the input in
+and keeps the normalization in 16 bits (see ``compact_visibility``): 9.1x the input in
 arrays on the benchmark problem, as Biggs–Andrews' 8.7x, where float32 buffers and a carried
 ``H d`` needed 12x.
 
@@ -44,7 +44,6 @@ from typing import Any
 
 import numpy as np
 
-from .._backend import release_freed_memory
 from .._tile_model import in_force, recorded, shared_step
 
 #: The search direction restarts from RL's update every this many iterations. Every 4th: plain
@@ -107,7 +106,7 @@ class ConjugateGradient:
     Buffers: the search direction and RL's last update (object-sized, bfloat16 bits; float32
     for tiles, as Biggs–Andrews keeps its steps), and the model ``H x`` (image-sized, float32).
     ``H d`` lives in the operator's scratch, where the next ratio is made. The solver's
-    normalization is kept in 16 bits too (``compact_normalization``).
+    normalization is kept in 16 bits too (``compact_visibility``).
 
     Examples
     --------
@@ -126,22 +125,6 @@ class ConjugateGradient:
         be, op = solver.be, solver.op
         self.solver, self.be, self.op = solver, be, op
         tiles = in_force()
-        kept = solver.normalization
-        compactable = kept is not None and kept.dtype == np.float32 and op.boundary == "non-circulant"
-        del kept  # the float32 array goes once the solver lets go of it
-        if compactable and not tiles:
-            # H^T 1 in 16-bit fixed point: half the memory of float32 (without it this mode
-            # needed 10.5-10.8x the input on the benchmark, over the 10x the project allows).
-            # Exact where H^T 1 is 1 (inside the image, away from its edges), within 6e-5 in
-            # the rest of the image (H^T 1 >= 1/8 there for a PSF symmetric about its centre),
-            # and up to 0.8% on the margin, where the image sees as little as 0.1% of a voxel's
-            # light.
-            # Only "non-circulant": its H^T 1 is at most 1; "reflect" with an asymmetric PSF
-            # reaches 1.5, and its normalization is the image's size, not the grid's. Tiles
-            # keep float32, as they keep their steps.
-            solver.normalization = be.compact_normalization(solver.normalization)
-            if be.name == "cpu":  # the float32 one's pages, before the buffers below are made
-                release_freed_memory()
         # bfloat16: the step follows the direction as stored, and H d is the blur of exactly
         # that, so its rounding only tilts the direction a little (on the benchmark problem and
         # the 8 phantom cases every PSNR matched float32's to 0.01 dB). Tiles keep float32:
