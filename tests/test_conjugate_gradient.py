@@ -308,17 +308,49 @@ def test_halley_steps_spare_a_pass_and_reach_as_far(cell, monkeypatch):
     assert psnr(truth, fast) > psnr(truth, slow) - 0.05
 
 
-def test_tiles_equal_the_whole_under_the_tiles_model(cell):
+def test_tiles_equal_the_whole_under_the_tiles_model(cell, monkeypatch):
     truth, psf, image = cell
     tile_shape = (None, 32, 32)
     params = {"num_iter": 8, "accelerate": CG, "background": 10.0}
     tile_plan = tiling.plan(image.shape, psf, "rl", tile_shape=tile_shape, num_iter=8)
     model = tiling._measure_model(image, psf, md.richardson_lucy, tile_plan, params, "cpu")
     assert len(model.values["rl.cg.step"]) == 9  # one step length per iteration (index 0 unused)
+    kept = []  # (normalization, direction) dtypes of each run
+    original = conjugate_module.ConjugateGradient.__init__
+
+    def spy(self, solver, estimate):
+        original(self, solver, estimate)
+        kept.append((solver.normalization.dtype.name, self.direction.dtype.name))
+
+    monkeypatch.setattr(conjugate_module.ConjugateGradient, "__init__", spy)
     with applying(model):
         whole = md.richardson_lucy(image, psf, device="cpu", **params)
     tiled = md.deconvolve(image, psf, "rl", tile_shape=tile_shape, device="cpu", **params)
     assert float(np.abs(tiled - whole).max() / whole.max()) < 1e-3
+    # tiles keep float32 buffers and normalization (16 bits would magnify their differences
+    # from the whole); an untiled run keeps both in 16 bits
+    assert len(kept) > 2 and set(kept) == {("float32", "float32")}
+    kept.clear()
+    md.richardson_lucy(image, psf, 2, accelerate=CG, background=10.0, device="cpu")
+    assert kept == [("uint16", "uint16")]
+
+
+def test_the_compact_normalization_holds_h_transpose_one():
+    from microdecon.operators import Convolution
+    from microdecon.restore.richardson_lucy import normalization_of
+
+    psf = np.random.default_rng(3).random((7, 9, 5)) + 0.05  # not symmetric
+    op = Convolution(psf, (12, 30, 21), backend=get_backend(device="cpu"))
+    inverse = normalization_of(op)
+    compact = normalization_of(op, compact=True)
+    assert inverse.dtype == np.float32 and compact.dtype == np.uint16 and compact.shape == inverse.shape
+    seen = inverse > 0
+    assert 0 < seen.sum() < seen.size
+    np.testing.assert_array_equal(md._backend.seen_by_data(compact), seen)
+    visible = compact[seen] / md._backend.VISIBLE_UNITS
+    assert np.abs(visible - 1 / inverse[seen].astype(np.float64)).max() <= 0.5 / 65535 + 1e-6  # half a unit
+    with pytest.raises(ValueError, match="non-circulant"):
+        normalization_of(Convolution(psf, (12, 30, 21), boundary="reflect"), compact=True)
 
 
 def test_auto_counts_by_holdout_with_conjugate_gradients(cell):

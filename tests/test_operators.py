@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import scipy.fft
 import scipy.ndimage as ndi
 import scipy.signal
 
@@ -58,6 +59,29 @@ def test_adjoint_of_ones_is_the_adjoint_of_an_image_of_ones(backend, boundary, s
     x = np.random.default_rng(8).random(op.object_shape).astype(np.float32)
     fresh = Convolution(psf, shape, boundary=boundary)
     np.testing.assert_allclose(op.forward(x), fresh.forward(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("boundary", BOUNDARIES)
+def test_adjoint_of_ones_survives_later_transforms_with_plans_that_make_new_arrays(boundary):
+    # the GPU's plans (and scipy.fft's for an odd last axis) return new arrays: H^T 1 is handed
+    # over, and the operator's next transforms must not write into it
+    from microdecon._backend import _ScipyStylePlan
+
+    psf = np.random.default_rng(7).random((5, 6, 7)) + 0.1
+    op = Convolution(psf, (9, 16, 15), boundary=boundary)
+    expected = np.array(op.adjoint(np.ones((9, 16, 15), np.float32)))
+    op.plan = _ScipyStylePlan(scipy.fft, op.fft_shape, workers=1)
+    visible = op.adjoint_of_ones()
+    kept = visible.copy()
+    np.testing.assert_allclose(visible, expected, atol=2e-6)
+    rng = np.random.default_rng(9)
+    for _ in range(2):
+        op.adjoint(rng.random((9, 16, 15)).astype(np.float32))
+        op.forward(rng.random(op.object_shape).astype(np.float32))
+        if op.staging_buffer() is not None:
+            op.staging_buffer()[...] = 1
+            op.forward(None, staged=True)
+    np.testing.assert_array_equal(visible, kept)
 
 
 @pytest.mark.gpu

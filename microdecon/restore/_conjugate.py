@@ -192,7 +192,8 @@ class ConjugateGradient:
         self.clipped += clipped
         restart = iteration % REFRESH == 0
         drift, limit = (self.clipped, RESTART_CLIP) if restart else (clipped, CLIP_REFRESH)
-        remake = shared_step("rl.cg.refresh", iteration, float(drift > limit * stepped))
+        # (not "<=": sums that are not finite make the model anew, as every restart did before)
+        remake = shared_step("rl.cg.refresh", iteration, float(not drift <= limit * stepped))
         if remake:
             blurred = op.forward(estimate)
             be.copy(self.model, blurred)
