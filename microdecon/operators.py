@@ -458,11 +458,9 @@ class Convolution:
         result = self._work = self.plan.inverse(spectrum)
         if self.boundary == "reflect":
             result = self._mirror_fold(result)
-        if scratch:
-            return result
         if self.plan.reuses_buffers or self.boundary == "reflect":  # scratch, or a view into it
-            return self.backend.xp.array(result, copy=True)
-        self._work = None  # hand the fresh array over
+            return result if scratch else self.backend.xp.array(result, copy=True)
+        self._work = None  # hand the fresh array over (the GPU's): it goes when the caller is done
         return result
 
 
