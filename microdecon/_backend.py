@@ -494,18 +494,23 @@ def _store_step(values: np.ndarray, out: np.ndarray) -> None:
         out[...] = values
 
 
-_CONSTANTS: dict[float, np.ndarray] = {}  # value -> read-only float32 array of it, one slab long
+_CONSTANTS: dict[float, np.ndarray] = {}  # value -> read-only float32 array of it
 _MAX_CONSTANTS = 16  # conjugate-gradient RL's floor depends on the data: the oldest make room
+#: A constant's length: half a slab, which the clips and sums below go through in parts. They
+#: last as long as the process, and conjugate-gradient RL uses four: a slab long, they were
+#: 0.25x the benchmark problem's input in resident memory (its peak 9.8-9.9x, against the 10x
+#: allowed; now 9.6x). Half a slab ran as fast side by side; a quarter, 1-2% slower.
+_CONSTANT_ELEMENTS = _SLAB_ELEMENTS // 2
 
 
 _CONSTANTS_LOCK = threading.Lock()
 
 
 def _constant(value: float) -> np.ndarray:
-    """A read-only float32 array of ``value``, one slab long (made once per value)."""
+    """A read-only float32 array of ``value``, _CONSTANT_ELEMENTS long (made once per value)."""
     constant = _CONSTANTS.get(float(value))
     if constant is None:
-        constant = np.full(_SLAB_ELEMENTS, value, np.float32)
+        constant = np.full(_CONSTANT_ELEMENTS, value, np.float32)
         constant.flags.writeable = False
         with _CONSTANTS_LOCK:  # the kernels' threads ask at once: one evicts at a time
             while len(_CONSTANTS) >= _MAX_CONSTANTS:
@@ -519,10 +524,13 @@ def _total(values: np.ndarray) -> float:
     faster than NumPy's pairwise sum, to float32's precision, which the step sizes and clips it
     adds up need."""
     ones = _constant(1.0)
-    if values.size > ones.size:
-        return float(values.sum(dtype=np.float64))
     # a strided view is copied first: still faster than NumPy's strided sum
-    return float(np.dot(np.ascontiguousarray(values).reshape(-1), ones[: values.size]))
+    flat = np.ascontiguousarray(values).reshape(-1)
+    total = 0.0
+    for start in range(0, flat.size, ones.size):
+        part = flat[start : start + ones.size]
+        total += float(np.dot(part, ones[: part.size]))
+    return total
 
 
 def _add_scaled(values: np.ndarray, factor: float, out: np.ndarray) -> np.ndarray:
@@ -537,25 +545,36 @@ def _add_scaled(values: np.ndarray, factor: float, out: np.ndarray) -> np.ndarra
 
 def _at_least(values: np.ndarray, floor: float, out: np.ndarray, where: Any = True) -> np.ndarray:
     """``out <- max(values, floor)`` (only ``where`` it is True; elsewhere ``out`` is left as
-    it is), against an array of ``floor`` a slab long.
+    it is), against a constant array of ``floor`` (see :func:`_constant`).
 
-    NumPy (2.4, x86) has no vector loop for maximum against a broadcast scalar: it runs four
-    times slower than against an array, and the RL iteration clips several times per pass.
-    Larger contiguous inputs go a slab at a time; large strided ones take the scalar loop.
+    NumPy (2.4, x86) has no vector loop for maximum against a broadcast scalar: it runs three
+    to four times slower than against an array, and the RL iteration clips several times per
+    pass. Larger inputs go in parts of the constant's length: contiguous ones flat, strided
+    ones a block of rows along the first axis at a time (a row longer than the constant, row
+    by row).
     """
     constant = _constant(floor)
     if values.size <= constant.size:
         return np.maximum(values, constant[: values.size].reshape(values.shape), out=out, where=where)
     masked = where is not True
+    result = target = out
     if values.flags.c_contiguous and out.flags.c_contiguous and (not masked or where.flags.c_contiguous):
-        flat_values, flat_out = values.reshape(-1), out.reshape(-1)
-        flat_where = where.reshape(-1) if masked else True
-        for start in range(0, values.size, constant.size):
-            part = slice(start, min(start + constant.size, values.size))
-            mask = flat_where[part] if masked else True
-            np.maximum(flat_values[part], constant[: part.stop - start], out=flat_out[part], where=mask)
-        return out
-    return np.maximum(values, np.float32(floor), out=out, where=where)
+        values, target = values.reshape(-1, 1), out.reshape(-1, 1)  # rows of one: parts of any length
+        where = where.reshape(-1, 1) if masked else True
+    if values.ndim == 0:
+        return np.maximum(values, np.float32(floor), out=out, where=where)
+    rows = values.shape[0]
+    if values.size // rows > constant.size:  # rows longer than the constant: one at a time
+        for row in range(rows):
+            _at_least(values[row], floor, target[row], where[row] if masked else True)
+        return result
+    step = constant.size // (values.size // rows)
+    for start in range(0, rows, step):
+        part = slice(start, start + step)
+        block = values[part]
+        mask = where[part] if masked else True
+        np.maximum(block, constant[: block.size].reshape(block.shape), out=target[part], where=mask)
+    return result
 
 
 def _divide_data(

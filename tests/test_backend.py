@@ -537,12 +537,20 @@ def test_clip_against_a_constant_array_equals_numpy_maximum(shape, strided):
     padded = rng.standard_normal(shape[:-1] + (shape[-1] + 2,)).astype(np.float32)
     values = padded[..., : shape[-1]] if strided else np.ascontiguousarray(padded[..., : shape[-1]])
     values.flat[::7] = np.nan  # NaN stays NaN, as with np.maximum
+    where = rng.random(shape) < 0.5
     for floor in (0.0, 1e-6, 2.5):
         out = np.empty_like(padded)[..., : shape[-1]] if strided else np.empty_like(values)
-        _backend._at_least(values, floor, out=out)
+        assert _backend._at_least(values, floor, out=out) is out
         np.testing.assert_array_equal(out, np.maximum(values, np.float32(floor)))
+        before = out.copy()  # masked: left as it was where the mask is False
+        _backend._at_least(values - 1, floor, out=out, where=where)
+        np.testing.assert_array_equal(out, np.where(where, np.maximum(values - 1, np.float32(floor)), before))
     assert not _backend._CONSTANTS[0.0].flags.writeable
-    assert _backend._CONSTANTS[0.0].size == _backend._SLAB_ELEMENTS  # bounded, whatever the input
+    # bounded, whatever the input: half a slab, which inputs beyond it go through in parts
+    assert _backend._CONSTANTS[0.0].size == _backend._CONSTANT_ELEMENTS == _backend._SLAB_ELEMENTS // 2
+    clean = np.where(np.isnan(values), np.float32(1), values)  # sums too go in parts of it
+    exact = float(clean.sum(dtype=np.float64))
+    assert abs(_backend._total(clean) - exact) <= 1e-5 * float(np.abs(clean).sum(dtype=np.float64))
 
 
 def test_bfloat16_round_trip_into_a_given_array():
