@@ -377,7 +377,11 @@ class Convolution:
         self.fill_outside_image(grid)
         spectrum = self.plan.forward(grid)
         del grid
-        self._work = None
+        return self._adjoint_from_spectrum(spectrum)
+
+    def _adjoint_from_spectrum(self, spectrum):
+        """The rest of :meth:`adjoint` once its grid is transformed (``spectrum``, consumed)."""
+        self._work = None  # let go of the last result before the inverse makes a new one
         self.backend.multiply_spectrum(spectrum, self.otf, True)
         self._work = self.plan.inverse(spectrum)
         if self.boundary == "reflect":
@@ -453,11 +457,7 @@ class Convolution:
         if spectrum is None:
             spectrum = be.xp.empty(self.fft_shape[:-1] + (self.fft_shape[-1] // 2 + 1,), np.complex64)
         _window_spectrum(self.fft_shape, self.image_slices, be, out=spectrum)
-        self._work = None
-        be.multiply_spectrum(spectrum, self.otf, True)
-        result = self._work = self.plan.inverse(spectrum)
-        if self.boundary == "reflect":
-            result = self._mirror_fold(result)
+        result = self._adjoint_from_spectrum(spectrum)
         if self.plan.reuses_buffers or self.boundary == "reflect":  # scratch, or a view into it
             return result if scratch else self.backend.xp.array(result, copy=True)
         self._work = None  # hand the fresh array over (the GPU's): it goes when the caller is done

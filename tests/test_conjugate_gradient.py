@@ -167,7 +167,7 @@ def test_a_restart_makes_the_model_anew_only_after_clips(problem, cell, monkeypa
     expected, since, restarts = [], 0.0, {True: 0, False: 0}
     for iteration, ((clipped, stepped), was_remade) in enumerate(zip(sums[:-1], remade), start=1):
         since += clipped
-        if iteration % conjugate_module.REFRESH == 0:
+        if iteration % conjugate_module.RESTART_EVERY == 0:
             expected.append(since > conjugate_module.RESTART_CLIP * stepped)
             restarts[was_remade] += 1
         else:

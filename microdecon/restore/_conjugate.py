@@ -12,9 +12,9 @@ transform for any ``t``. The iteration blurs the direction ``d`` where plain RL 
 estimate, so it costs RL's four FFTs plus a few passes over the data. The model is carried from
 one iteration to the next by that sum, which ignores the clip of the new estimate at its floor;
 after the clips add up to a fair part of a step it is made anew from the estimate (two more
-FFTs). Every ``REFRESH`` iterations, and at each new model, the direction restarts from RL's
-update. New estimates are clipped at a small floor, not at 0: the preconditioner is ``x``, so a
-voxel at 0 could never move again.
+FFTs). Every ``RESTART_EVERY`` iterations, and at each new model, the direction restarts from
+RL's update. New estimates are clipped at a small floor, not at 0: the preconditioner is ``x``,
+so a voxel at 0 could never move again.
 
 Memory: beyond plain RL's estimate, normalization, OTF and FFT buffer, it keeps the direction
 and RL's last update (bfloat16: half a float32 array each), the model (image-sized float32),
@@ -50,7 +50,7 @@ from .._tile_model import in_force, recorded, shared_step
 #: RL's 50-iteration best after 7 iterations on the benchmark problem and 6-10 on the 8 phantom
 #: cases; every 6th, 8th or never: 8-9 on the benchmark, and one phantom case (dim cells, light
 #: sheet) never got there in 30.
-REFRESH = 4
+RESTART_EVERY = 4
 
 #: Bounds on the step along the search direction, in units of RL's own step: at least a small
 #: fraction (a direction that barely ascends is still followed a little), at most this far.
@@ -65,12 +65,12 @@ MIN_STEP, MAX_STEP = 0.05, 50.0
 #: the carried model within 2%.
 CLIP_REFRESH = 0.05
 
-#: At a restart (every REFRESH iterations) the model is made anew only when the clips summed
-#: since it was last made exceed this fraction of the step. It used to be made at every restart:
-#: two more FFTs in a quarter of the iterations, for the same iteration counts to plain RL's best
-#: on the benchmark problem and the 8 phantom cases, and best PSNRs within 0.35 dB (bright beads:
-#: higher). At 5% the carried model of a dim cell drifted 2.2% from the estimate's (1% when made
-#: at every restart); at 1% its drift stays at 1%.
+#: At a restart (every RESTART_EVERY iterations) the model is made anew only when the clips
+#: summed since it was last made exceed this fraction of the step. It used to be made at every
+#: restart: two more FFTs in a quarter of the iterations, for the same iteration counts to plain
+#: RL's best on the benchmark problem and the 8 phantom cases, and best PSNRs within 0.35 dB
+#: (bright beads: higher). At 5% the carried model of a dim cell drifted 2.2% from the
+#: estimate's (1% when made at every restart); at 1% its drift stays at 1%.
 RESTART_CLIP = 0.01
 
 #: A larger Polak–Ribière weight means the last gradient all but vanished (a converged
@@ -180,7 +180,7 @@ class ConjugateGradient:
             beta = shared_step("rl.cg.beta", iteration, beta)
             length = shared_step("rl.cg.step", iteration, length)
         self.norm = own
-        args = (length, normalization, self.floor, not last)  # the clip is measured when it decides
+        args = (length, normalization, self.floor, not last)  # the clip decides what follows
         clipped, stepped = be.cg_advance(estimate, self.direction, *args)
         self.pending = None
         if last:
@@ -190,7 +190,7 @@ class ConjugateGradient:
         # leave it 10% wrong, and the next iterations then stalled); at a restart, past
         # RESTART_CLIP of the step in all the clips since it was made
         self.clipped += clipped
-        restart = iteration % REFRESH == 0
+        restart = iteration % RESTART_EVERY == 0
         drift, limit = (self.clipped, RESTART_CLIP) if restart else (clipped, CLIP_REFRESH)
         # (not "<=": sums that are not finite make the model anew, as every restart did before)
         remake = shared_step("rl.cg.refresh", iteration, float(not drift <= limit * stepped))
